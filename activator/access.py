@@ -1,0 +1,52 @@
+"""IP access lists with systemd's IPAddressAllow=/IPAddressDeny= rules.
+
+An address is let in when it matches an allow entry; otherwise it is kept out
+when it matches a deny entry; otherwise it is let in. Entries are addresses or
+CIDR prefixes, or the keywords ``any``, ``localhost``, ``link-local`` and
+``multicast``.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+KEYWORDS = {
+    "any": ("0.0.0.0/0", "::/0"),
+    "localhost": ("127.0.0.0/8", "::1/128"),
+    "link-local": ("169.254.0.0/16", "fe80::/64"),
+    "multicast": ("224.0.0.0/4", "ff00::/8"),
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: list[str]) -> list[Network]:
+    """ValueError naming the entry when one is neither a keyword nor an address or prefix."""
+    nets: list[Network] = []
+    for entry in entries:
+        for word in str(entry).split():
+            if word in KEYWORDS:
+                nets.extend(ipaddress.ip_network(n) for n in KEYWORDS[word])
+                continue
+            try:
+                nets.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                raise ValueError(f"invalid IP address or prefix {word!r}") from None
+    return nets
+
+
+def _matches(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
+    return any(addr.version == n.version and addr in n for n in nets)
+
+
+class AccessList:
+    def __init__(self, allow: list[str], deny: list[str]):
+        self.allow = parse_networks(allow)
+        self.deny = parse_networks(deny)
+
+    def allowed(self, address: str) -> bool:
+        addr = ipaddress.ip_address(address)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if _matches(addr, self.allow):
+            return True
+        return not _matches(addr, self.deny)

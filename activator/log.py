@@ -1,0 +1,55 @@
+"""One log line per event on stderr, as text or as JSON (one object per line)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class Log:
+    def __init__(self, verbose: bool = False, fmt: str = "text", stream=None, prog: str = "activator"):
+        self.threshold = LEVELS["debug"] if verbose else LEVELS["info"]
+        self.json = fmt == "json"
+        self.stream = stream if stream is not None else sys.stderr
+        self.prog = prog
+        self.pid = os.getpid()
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS[level] >= self.threshold
+
+    def emit(self, level: str, event: str, message: str, unit: str | None = None, pid: int | None = None) -> None:
+        if LEVELS[level] < self.threshold:
+            return
+        if self.json:
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                "level": level, "unit": unit, "pid": pid, "event": event, "message": message,
+            }
+            line = json.dumps(record, separators=(",", ":"))
+        else:
+            prefix = f"{self.prog}[{self.pid}]: "
+            if unit:
+                prefix += f"{unit}: "
+            if level in ("warning", "error"):
+                prefix += f"{level}: "
+            line = prefix + message
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must never stop the supervisor
+
+    def debug(self, event, message, **kw):
+        self.emit("debug", event, message, **kw)
+
+    def info(self, event, message, **kw):
+        self.emit("info", event, message, **kw)
+
+    def warning(self, event, message, **kw):
+        self.emit("warning", event, message, **kw)
+
+    def error(self, event, message, **kw):
+        self.emit("error", event, message, **kw)

@@ -1,0 +1,136 @@
+"""Process-tree helpers read from /proc, and the init duties of becoming a subreaper.
+
+KillMode=control-group is emulated without cgroups: each daemon starts in its
+own session (so its process group is its pid), and stopping it signals that
+group plus every descendant found through /proc (which catches children that
+moved to a session of their own).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants our children, so we reap them (what PID 1 does anyway)."""
+    if os.getpid() == 1:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def parent_map() -> dict[int, int]:
+    """pid -> ppid for every process we can see."""
+    result = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields after the last ')' are safe.
+        fields = data[data.rindex(b")") + 2:].split()
+        result[int(entry)] = int(fields[1])
+    return result
+
+
+def descendants(roots: set[int], parents: dict[int, int] | None = None) -> set[int]:
+    """Every process below any of ``roots`` (not the roots themselves)."""
+    parents = parent_map() if parents is None else parents
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def signal_tree(root: int, sig: int, group: bool = True) -> None:
+    """Send ``sig`` to ``root``'s process group (its session leader's group) and all its descendants."""
+    targets = descendants({root})
+    if group:
+        try:
+            os.killpg(root, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in targets | {root}:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def cloexec_all_above(lowest: int = 3, keep: set[int] | None = None) -> None:
+    """Mark every descriptor >= lowest close-on-exec, so nothing we inherited leaks into daemons."""
+    keep = keep or set()
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd >= lowest and fd not in keep:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+
+
+def describe_status(status: int) -> tuple[str, int]:
+    """('exited with status 3' | 'killed by signal SIGKILL', exit code as a shell reports it)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        core = " (core dumped)" if os.WCOREDUMP(status) else ""
+        return f"killed by signal {name}{core}", 128 + sig
+    code = os.WEXITSTATUS(status)
+    return f"exited with status {code}", code
+
+
+CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
+
+
+def should_restart(policy: str, status: int, forced: str | None = None) -> bool:
+    """systemd's Restart= table; ``forced`` is 'timeout' or 'watchdog' when we ended the daemon."""
+    if policy == "always":
+        return True
+    if policy == "no":
+        return False
+    clean = forced is None and (
+        (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+        or (os.WIFSIGNALED(status) and os.WTERMSIG(status) in CLEAN_SIGNALS)
+    )
+    unclean_signal = os.WIFSIGNALED(status) and os.WTERMSIG(status) not in CLEAN_SIGNALS
+    if policy == "on-success":
+        return clean
+    if policy == "on-failure":
+        return not clean
+    if policy == "on-abnormal":
+        return unclean_signal or forced is not None
+    if policy == "on-abort":
+        return unclean_signal
+    return False

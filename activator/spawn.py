@@ -1,0 +1,201 @@
+"""Starting daemons with descriptors at fixed positions and a correct LISTEN_PID.
+
+LISTEN_PID must be the pid of the exec'd daemon, which the parent learns only
+after the child exists. Three ways to start a child, fastest first:
+
+* ``_fastspawn`` (our C extension): vfork, write the pid into LISTEN_PID in the
+  child, exec. As fast as posix_spawn and exact.
+* ``os.posix_spawn``: used when no LISTEN_PID and no credentials or directory
+  change are needed (inetd-style instances).
+* ``os.fork`` + ``os.execve``: always correct, slowest.
+
+Every path moves the passed descriptors to their targets in two steps (first
+above all targets, then down) so that a source already sitting on a target
+number can never be clobbered, and every other descriptor is close-on-exec.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+
+try:  # the optional C fast path; absent when the package was installed without a compiler
+    from . import _fastspawn  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _fastspawn = None
+
+# Python ignores these at start-up, and an ignored disposition survives exec: restore them.
+RESET_SIGNALS = tuple(
+    s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None), signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+                signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM,
+                signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCONT)
+    if s is not None
+)
+
+
+class SpawnError(Exception):
+    """The command could not be started; the message names it and says why."""
+
+
+@dataclass
+class SpawnSpec:
+    executable: str
+    argv: list[str]
+    env: dict[str, str]
+    fds: list[int] = field(default_factory=list)  # placed at 3, 4, ...
+    listen_pid: bool = False
+    stdin: int | None = None  # a descriptor for fd 0, None to inherit ours
+    stdout: int | None = None  # a descriptor for fd 1, None to inherit ours
+    new_session: bool = True
+    cwd: str | None = None
+    uid: int = -1
+    gid: int = -1
+    groups: list[int] | None = None
+    umask: int | None = None
+
+    def fd_map(self) -> list[tuple[int, int]]:
+        pairs = []
+        if self.stdin is not None:
+            pairs.append((self.stdin, 0))
+        if self.stdout is not None:
+            pairs.append((self.stdout, 1))
+        pairs.extend((src, 3 + i) for i, src in enumerate(self.fds))
+        return pairs
+
+
+def resolve(command: str, path: str | None) -> str:
+    """The executable for ``command``: a path as is, else searched in PATH; SpawnError when none."""
+    if "/" in command:
+        if not os.path.exists(command):
+            raise SpawnError(f"{command}: command not found")
+        if os.path.isdir(command) or not os.access(command, os.X_OK):
+            raise SpawnError(f"{command}: not executable")
+        return command
+    found = shutil.which(command, path=path if path is not None else os.defpath)
+    if not found:
+        raise SpawnError(f"{command}: command not found")
+    return found
+
+
+def _exec_error(spec: SpawnSpec, err: int, step: str) -> SpawnError:
+    what = {errno.ENOENT: "command not found", errno.EACCES: "permission denied", errno.ENOEXEC: "not an executable format"}
+    reason = what.get(err, os.strerror(err)) if step == "exec" else f"{step}: {os.strerror(err)}"
+    return SpawnError(f"{spec.argv[0]}: {reason}")
+
+
+def _env_list(env: dict[str, str]) -> list[bytes]:
+    return [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+
+
+def _spawn_fast(spec: SpawnSpec) -> int:
+    envp = _env_list(spec.env)
+    pid_index = -1
+    if spec.listen_pid:
+        pid_index = len(envp)
+        envp.append(b"LISTEN_PID=")
+    try:
+        return _fastspawn.spawn(
+            os.fsencode(spec.executable), [os.fsencode(a) for a in spec.argv], envp, spec.fd_map(), pid_index,
+            spec.new_session, os.fsencode(spec.cwd) if spec.cwd else None, spec.uid, spec.gid,
+            spec.groups, -1 if spec.umask is None else spec.umask, list(RESET_SIGNALS),
+        )
+    except OSError as exc:
+        step = getattr(exc, "filename", None) or "exec"
+        raise _exec_error(spec, exc.errno or errno.EIO, step) from None
+
+
+def _spawn_posix(spec: SpawnSpec) -> int:
+    pairs = spec.fd_map()
+    top = max([d for _, d in pairs] + [s for s, _ in pairs] + [2]) + 1
+    actions = [(os.POSIX_SPAWN_DUP2, src, top + i) for i, (src, _) in enumerate(pairs)]
+    actions += [(os.POSIX_SPAWN_DUP2, top + i, dst) for i, (_, dst) in enumerate(pairs)]
+    actions += [(os.POSIX_SPAWN_CLOSE, top + i) for i in range(len(pairs))]
+    try:
+        return os.posix_spawn(
+            spec.executable, spec.argv, spec.env, file_actions=actions, setsid=spec.new_session,
+            setsigmask=(), setsigdef=RESET_SIGNALS,
+        )
+    except OSError as exc:
+        raise _exec_error(spec, exc.errno or errno.EIO, "exec") from None
+
+
+def _child(spec: SpawnSpec, report: int) -> None:
+    """Runs in the forked child; never returns."""
+    step = "setup"
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if spec.new_session:
+            step = "setsid"
+            os.setsid()
+        pairs = spec.fd_map()
+        step = "descriptors"
+        top = max([d for _, d in pairs] + [s for s, _ in pairs] + [2]) + 1
+        for i, (src, _) in enumerate(pairs):
+            os.dup2(src, top + i, inheritable=False)
+        for i, (_, dst) in enumerate(pairs):
+            os.dup2(top + i, dst, inheritable=True)
+            os.close(top + i)
+        if spec.umask is not None:
+            os.umask(spec.umask)
+        if spec.cwd:
+            step = "chdir"
+            os.chdir(spec.cwd)
+        if spec.groups is not None:
+            step = "setgroups"
+            os.setgroups(spec.groups)
+        if spec.gid != -1:
+            step = "setgid"
+            os.setgid(spec.gid)
+        if spec.uid != -1:
+            step = "setuid"
+            os.setuid(spec.uid)
+        env = spec.env
+        if spec.listen_pid:
+            env = dict(env, LISTEN_PID=str(os.getpid()))
+        step = "exec"
+        os.execve(spec.executable, spec.argv, env)
+    except OSError as exc:
+        os.write(report, f"{exc.errno or errno.EIO}:{step}".encode())
+    except BaseException:
+        os.write(report, f"{errno.EIO}:setup".encode())
+    finally:
+        os._exit(127)
+
+
+def _spawn_fork(spec: SpawnSpec) -> int:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(r)
+            _child(spec, w)
+        os.close(w)
+        w = -1
+        data = os.read(r, 128)
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)
+    if data:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        err, _, step = data.decode().partition(":")
+        raise _exec_error(spec, int(err), step)
+    return pid
+
+
+def spawn(spec: SpawnSpec) -> int:
+    """Start the child and return its pid; SpawnError with a one-line reason when it cannot start."""
+    if _fastspawn is not None:
+        return _spawn_fast(spec)
+    simple = spec.cwd is None and spec.uid == -1 and spec.gid == -1 and spec.groups is None and spec.umask is None
+    if simple and not spec.listen_pid:
+        return _spawn_posix(spec)
+    return _spawn_fork(spec)
