@@ -69,7 +69,10 @@
 #define LISTEN_PID_PREFIX_LEN (sizeof(LISTEN_PID_PREFIX) - 1)
 #define LISTEN_PID_DIGITS 20
 
-#define CHILD_STACK_SIZE (64 * 1024)
+/* The child needs little stack, but its first call to each libc function goes
+ * through the dynamic linker's lazy binding, which saves the full vector
+ * register state on the stack; pages are only touched when used. */
+#define CHILD_STACK_SIZE (256 * 1024)
 
 enum step {
     STEP_NONE = 0,
@@ -472,7 +475,7 @@ fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
     a.step = STEP_NONE;
 
     stack = mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
     if (stack == MAP_FAILED) {
         raise_step(errno, "fork");
         goto done;

@@ -16,6 +16,7 @@ number can never be clobbered, and every other descriptor is close-on-exec.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -135,6 +136,8 @@ def _child(spec: SpawnSpec, report: int) -> None:
         pairs = spec.fd_map()
         step = "descriptors"
         top = max([d for _, d in pairs] + [s for s, _ in pairs] + [2]) + 1
+        # The report pipe must not sit where the moves below go, or an error would go unreported.
+        report = fcntl.fcntl(report, fcntl.F_DUPFD_CLOEXEC, top + len(pairs))
         for i, (src, _) in enumerate(pairs):
             os.dup2(src, top + i, inheritable=False)
         for i, (_, dst) in enumerate(pairs):
