@@ -78,15 +78,15 @@ def parse_address(text: str) -> Address:
         raise AddressError(f"invalid address {text!r}: surrounding white space")
 
     if text.startswith("/"):
-        if len(text.encode()) >= UNIX_PATH_MAX:
-            raise AddressError(f"unix socket path too long ({len(text.encode())} bytes, at most {UNIX_PATH_MAX - 1}): {text!r}")
+        if len(text.encode(errors="surrogateescape")) >= UNIX_PATH_MAX:
+            raise AddressError(f"unix socket path too long ({len(text.encode(errors='surrogateescape'))} bytes, at most {UNIX_PATH_MAX - 1}): {text!r}")
         return Address(socket.AF_UNIX, text, text)
 
     if text.startswith("@"):
         name = text[1:]
         if not name:
             raise AddressError(f"invalid address {text!r}: empty abstract socket name")
-        if len(name.encode()) > UNIX_PATH_MAX - 1:
+        if len(name.encode(errors="surrogateescape")) > UNIX_PATH_MAX - 1:
             raise AddressError(f"abstract socket name too long: {text!r}")
         return Address(socket.AF_UNIX, "\0" + name, text)
 

@@ -45,7 +45,7 @@ def _signal_number(ctx, param, value):
 
 def _parse_signal(value: str) -> int:
     text = str(value).strip().upper()
-    if text.isdigit():
+    if text.isdigit() and text.isascii():
         num = int(text)
         if 0 < num < signal.NSIG:
             return num
@@ -138,13 +138,17 @@ def _forward_signals(values: tuple[str, ...]) -> tuple[int, ...]:
               help="notify: the daemon reports readiness with sd_notify (NOTIFY_SOCKET).")
 @click.option("--user", help="Run the daemon as this user (activator must be root).")
 @click.option("--group", help="Run the daemon with this group.")
+@click.option("--ip-address-allow", "ip_allow", multiple=True, metavar="PREFIX",
+              help="Accept mode: let in peers matching PREFIX (CIDR, any, localhost, link-local; repeatable).")
+@click.option("--ip-address-deny", "ip_deny", multiple=True, metavar="PREFIX",
+              help="Accept mode: close connections from peers matching PREFIX unless allowed (repeatable).")
 @_forward_option
 @_logging_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restart, restart_sec, max_connections,
         max_connections_per_source, exit_with_service, timeout_stop, trigger_limit_interval, trigger_limit_burst,
         start_limit_interval, start_limit_burst, backlog, kill_mode, kill_signal, service_type, user, group,
-        forward, verbose, log_format, command):
+        ip_allow, ip_deny, forward, verbose, log_format, command):
     """Listen on sockets and start COMMAND on the first connection, passing them as fd 3, 4, ...
 
     Options are those of systemd-socket-activate, plus supervision: the daemon is
@@ -182,7 +186,7 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
 
     try:
         inherited = inherited_fds()
-    except ProtocolError as exc:
+    except OSError as exc:  # ProtocolError, or EBADF: LISTEN_FDS names a descriptor that is not open
         _fail(f"invalid socket-activation environment from our parent: {exc.strerror}")
 
     n_total = len(inherited) + len(addresses)
@@ -216,15 +220,26 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
                 param_hint="'--fdname'",
             )
 
+    if ip_allow or ip_deny:
+        from .access import parse_networks
+
+        for hint, entries in (("'--ip-address-allow'", ip_allow), ("'--ip-address-deny'", ip_deny)):
+            try:
+                parse_networks(list(entries))
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=hint) from None
+
     env: dict[str, str] = {}
     for item in setenv:
         key, sep, value = item.partition("=")
-        if not key:
+        # systemd's env_name_is_valid(): a shell variable name
+        if not key or key[0].isdigit() or not all(c.isascii() and (c.isalnum() or c == "_") for c in key):
             raise click.BadParameter(f"invalid variable {item!r}", param_hint="'--setenv'")
         if sep:
             env[key] = value
-        elif key in os.environ:
-            env[key] = os.environ[key]
+        else:
+            # As systemd-socket-activate: NAME alone passes our value through, "" when we have none.
+            env[key] = os.environ.get(key, "")
 
     service = ServiceSpec(
         argv=list(command), environment=env, type=service_type, restart=restart, restart_sec=restart_sec,
@@ -237,7 +252,7 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
         name=os.path.basename(command[0]) or command[0], sockets=specs, service=service, accept=accept,
         max_connections=max_connections, max_connections_per_source=max_connections_per_source,
         trigger_limit_interval=trigger_limit_interval, trigger_limit_burst=trigger_limit_burst,
-        start_now=now, default_fd_name=None,
+        start_now=now, default_fd_name=None, ip_address_allow=list(ip_allow), ip_address_deny=list(ip_deny),
     )
     _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service)
 
@@ -245,8 +260,12 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
 def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None) -> None:
     from .log import Log
     from .sockets import BindError
+    from .processes import cloexec_all_above
     from .supervisor import Engine
 
+    # Descriptors our parent leaked to us (not close-on-exec) must not reach the daemons;
+    # the ones passed to us by socket activation are passed on explicitly, by position.
+    cloexec_all_above(3)
     log = Log(verbose=verbose, fmt=log_format)
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
                     reloader=reloader)
@@ -269,30 +288,38 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
+@click.option("--exit-with-service", is_flag=True,
+              help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
 @_forward_option
 @_logging_options
-def serve(paths, forward, verbose, log_format):
+def serve(paths, exit_with_service, forward, verbose, log_format):
     """Run the units of PATH (TOML files, or directories of *.toml).
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
     """
     from .config import ConfigError, load_units
+    from .protocol import ProtocolError, inherited_fds
 
     sources = _config_paths(paths)
     try:
-        units = load_units(sources)
+        inherited = inherited_fds()  # read once: units take them with listen-inherited
+    except ProtocolError as exc:
+        _fail(f"invalid socket-activation environment from our parent: {exc.strerror}")
+    try:
+        units = load_units(sources, inherited=inherited)
     except ConfigError as exc:
         for line in exc.messages:
             click.echo(f"activator: error: {line}", err=True)
         sys.exit(1)
     if not units:
         _fail(f"no units found in {', '.join(sources)}")
-    _engine_main(units, verbose, log_format, forward, reloader=lambda: load_units(sources))
+    _engine_main(units, verbose, log_format, forward, exit_with_service=exit_with_service,
+                 reloader=lambda: load_units(sources, inherited=inherited))
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
 def check(paths):
     """Validate unit files without binding anything: exit 0 when valid, 1 listing every error."""
     from .config import ConfigError, load_units

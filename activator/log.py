@@ -24,8 +24,9 @@ class Log:
         if LEVELS[level] < self.threshold:
             return
         if self.json:
+            now = time.time()  # read once: seconds and milliseconds must come from the same instant
             record = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                 "level": level, "unit": unit, "pid": pid, "event": event, "message": message,
             }
             line = json.dumps(record, separators=(",", ":"))

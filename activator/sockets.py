@@ -61,12 +61,12 @@ def _lookup_ids(user: str | None, group: str | None) -> tuple[int, int]:
     if user:
         try:
             uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):
             raise OSError(errno.EINVAL, f"unknown user {user!r}") from None
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):
             raise OSError(errno.EINVAL, f"unknown group {group!r}") from None
     return uid, gid
 

@@ -118,20 +118,20 @@ def credentials(user: str | None, group: str | None, supplementary: list[str]) -
     if user:
         try:
             pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):
             raise ValueError(f"unknown user {user!r}") from None
         uid, gid, name = pw.pw_uid, pw.pw_gid, pw.pw_name
     if group:
         try:
             gid = (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):
             raise ValueError(f"unknown group {group!r}") from None
     if user or group or supplementary:
         extra = []
         for g in supplementary:
             try:
                 extra.append((grp.getgrgid(int(g)) if g.isdigit() else grp.getgrnam(g)).gr_gid)
-            except KeyError:
+            except (KeyError, ValueError, OverflowError):
                 raise ValueError(f"unknown group {g!r}") from None
         base = os.getgrouplist(name, gid) if name else ([gid] if gid != -1 else [])
         groups = sorted(set(base + extra))
@@ -164,6 +164,9 @@ class Engine:
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
         self._signal_r = self._signal_w = -1
+        from .notify import NotifyHub
+
+        self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
 
     # ----------------------------------------------------------------- setup
     def _make_state(self, unit: Unit, bound: list[BoundSocket]) -> UnitState:
@@ -172,6 +175,8 @@ class Engine:
         for s in states:
             if unit.accept:
                 s.bound.sock.setblocking(False)
+            elif s.bound.spec.inherited_fd is None and not s.bound.sock.getblocking():
+                s.bound.sock.setblocking(True)  # kept by a reload from an accept = true unit
         us = UnitState(unit, states, RateLimit(svc.start_limit_interval, svc.start_limit_burst))
         if unit.ip_address_allow or unit.ip_address_deny:
             us.access = AccessList(unit.ip_address_allow, unit.ip_address_deny)
@@ -194,6 +199,10 @@ class Engine:
 
     def open(self) -> None:
         """Bind every socket of every unit, or none (BindError lists every problem)."""
+        if self._signal_r == -1:
+            # Before binding: a SIGTERM that comes once we listen must stop us cleanly (removing
+            # the socket files), not kill us with the default action.
+            self._setup_signals()
         errors = self.validate()
         if errors:
             raise BindError(errors)
@@ -222,7 +231,8 @@ class Engine:
         if self._pending:
             self.open()
         processes.set_child_subreaper()
-        self._setup_signals()
+        if self._signal_r == -1:
+            self._setup_signals()
         for us in list(self.units.values()):
             self._activate(us)
         self.log.debug("ready", f"{len(self.units)} unit(s) ready")
@@ -376,16 +386,26 @@ class Engine:
             self._pause(us, us.start_limit.reset_time())
             return False
         names = us.unit.fd_names()
-        env = self._service_env(us, len(us.sockets), names)
+        fds = [s.bound.fileno() for s in us.sockets]
+        stored = self.notify.stored_fds(us)  # the descriptor store comes after the sockets, named
+        if stored:
+            names = (names or ["unknown"] * len(fds)) + [name for name, _ in stored]
+            fds += [fd for _, fd in stored]
+        env = self._service_env(us, len(fds), names)
+        env.update(self.notify.service_env(us))
         try:
-            pid = self._spawn(us, [s.bound.fileno() for s in us.sockets], env, None)
+            pid = self._spawn(us, fds, env, None)
         except SpawnError as exc:
             self.log.error("start-failed", f"cannot start: {exc}", unit=us.name)
+            if self.exit_with_service:
+                self.stop(127)  # the daemon could not even start: exit as a shell would (command not run)
+                return False
             self._arm(us)
             return False
         us.main_pid = pid
         us.forced = None
         self.pids[pid] = us
+        self.notify.started(us, pid)
         self._disarm(us)
         self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid)
         return True
@@ -501,6 +521,7 @@ class Engine:
     def _main_exited(self, us: UnitState, pid: int, status: int) -> None:
         how, code = processes.describe_status(status)
         us.main_pid = None
+        self.notify.exited(us)
         self.log.info("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
         if us.unit.service.kill_mode in ("control-group", "mixed") and processes.group_alive(pid):
             # The main process is gone: what it left behind in its group goes too, as systemd does.
@@ -645,6 +666,7 @@ class Engine:
     def _close_all(self) -> None:
         for us in self.units.values():
             self._close_unit(us, keep=set())
+        self.notify.close()
         for sig in (signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS, *self.forward_signals):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -669,6 +691,7 @@ class Engine:
         for name, us in old.items():
             if name not in new_by_name:
                 self._retire(us)
+                self.notify.drop_unit(name)
                 removed += 1
         for unit in new_units:
             prev = old.get(unit.name)

@@ -48,6 +48,8 @@ class ListenSpec:
     def label(self) -> str:
         if self.address is not None:
             return str(self.address)
+        if self.inherited_fd is None:  # `activator check`: resolved only by `serve`
+            return f"inherited {self.name}"
         return f"inherited fd {self.inherited_fd}" + (f" ({self.name})" if self.name else "")
 
     def identity(self) -> tuple:
