@@ -481,6 +481,8 @@ class NotifyHub:
         self.engine._main_exited(us, pid, status)
         if not us.pids():
             self.engine._unit_idle(us)
+        if self.engine.stopping:
+            self.engine._check_stopped()  # it may have been the last process we waited for
 
     # ------------------------------------------------------------- fd store
     def _store(self, us, message: NotifyMessage) -> None:

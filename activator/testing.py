@@ -258,7 +258,8 @@ class Activated:
                 executable=resolve(argv[0], environment.get("PATH", os.defpath)), argv=argv, env=environment,
                 fds=[self._listener.fileno()], listen_pid=True, stdin=devnull, stdout=out_w, stderr=err_w,
             )
-            self.pid = spawn(spec)
+            with _no_stray_inheritance():
+                self.pid = spawn(spec)
         finally:
             os.close(err_w)
             os.close(out_w)
@@ -421,6 +422,34 @@ class Activated:
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
         return f"<Activated {self.argv[0]} pid={self.pid} address={self.address!r} {state}>"
+
+
+@contextlib.contextmanager
+def _no_stray_inheritance() -> Iterator[None]:
+    """Descriptors of the test process that are inheritable (pytest's, a test's) are made close-on-exec
+    while the daemon is spawned, so that it gets exactly 0-2 and its sockets; restored after."""
+    flipped = []
+    try:
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            if fd < 3:
+                continue
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+                    flipped.append(fd)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        for fd in flipped:
+            try:
+                os.set_inheritable(fd, True)
+            except OSError:
+                pass
 
 
 @dataclass
