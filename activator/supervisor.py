@@ -449,6 +449,12 @@ class Engine:
         if us.access is not None and addr is not None and not us.access.allowed(addr):
             self.log.warning("denied", f"connection from {who} denied by ip-address rules", unit=us.name)
             return
+        if len(us.instances) >= unit.max_connections or (
+            unit.max_connections_per_source and addr is not None
+            and us.per_source.get(addr, 0) >= unit.max_connections_per_source
+        ):
+            # Instances that have exited but whose SIGCHLD is not handled yet (a busy accept batch) do not count.
+            self._reap()
         if len(us.instances) >= unit.max_connections:
             self.log.warning(
                 "too-many", f"too many connections ({len(us.instances)}), closing connection from {who}", unit=us.name

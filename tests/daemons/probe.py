@@ -67,7 +67,7 @@ def main():
         "fds": [describe(fd) for fd in fds],
         "sigign": open("/proc/self/status").read().split("SigIgn:")[1].split()[0],
     }
-    tmp = report + ".tmp"
+    tmp = f"{report}.{os.getpid()}.tmp"  # per pid: concurrent instances (accept mode) share REPORT
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.rename(tmp, report)
