@@ -212,9 +212,9 @@ class Engine:
         for unit in self._pending:
             mine = [next(it) for _ in unit.sockets]
             self.units[unit.name] = self._make_state(unit, mine)
-            for b in mine:
+            for fd, b in enumerate(mine, start=3):
                 if b.spec.address is not None:
-                    self.log.info("listen", f"listening on {b.spec.label} as fd {3 + mine.index(b)}", unit=unit.name)
+                    self.log.info("listen", f"listening on {b.spec.label} as fd {fd}", unit=unit.name)
         self._pending = []
 
     def _setup_signals(self) -> None:
