@@ -44,18 +44,9 @@ def _signal_number(ctx, param, value):
 
 
 def _parse_signal(value: str) -> int:
-    text = str(value).strip().upper()
-    if text.isdigit() and text.isascii():
-        num = int(text)
-        if 0 < num < signal.NSIG:
-            return num
-        raise ValueError(f"invalid signal {value!r}")
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise ValueError(f"unknown signal {value!r}") from None
+    from .processes import parse_signal
+
+    return parse_signal(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

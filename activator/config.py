@@ -35,6 +35,7 @@ else:  # pragma: no cover - depends on the interpreter
 
 from .access import parse_networks
 from .addresses import AddressError, parse_address
+from .processes import parse_signal
 from .protocol import valid_fdname
 from .timespan import parse_timespan
 from .units import (
@@ -170,19 +171,12 @@ def _mode(value: Any) -> int:
 def _signal(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise _Invalid(f"expected a signal name such as \"SIGINT\" or a number, got {_type_name(value)} {value!r}")
-    text = str(value).strip().upper()
-    if text.isdigit() and text.isascii():
-        num = int(text)
-        if 0 < num < signal.NSIG:
-            return num
-        raise _Invalid(f"invalid signal number {value!r}")
-    if not text.startswith("SIG"):
-        text = "SIG" + text
     try:
-        return int(signal.Signals[text])
-    except KeyError:
-        names = [s.name for s in signal.Signals]
-        raise _Invalid(f"unknown signal {value!r}{_suggest(text, names)}") from None
+        return parse_signal(value)
+    except ValueError as exc:
+        text = str(value).strip().upper()
+        guess = _suggest(text if text.startswith("SIG") else "SIG" + text, [s.name for s in signal.Signals])
+        raise _Invalid(f"{exc}{guess}") from None
 
 
 def _user(value: Any) -> str:

@@ -111,6 +111,22 @@ def describe_status(status: int) -> tuple[str, int]:
     return f"exited with status {code}", code
 
 
+def parse_signal(value: str | int) -> int:
+    """A signal number from "SIGTERM", "term", "15"; ValueError naming the value otherwise."""
+    text = str(value).strip().upper()
+    if text.isdigit() and text.isascii():
+        num = int(text)
+        if 0 < num < signal.NSIG:
+            return num
+        raise ValueError(f"invalid signal number {value!r}")
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r}") from None
+
+
 CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
 
 

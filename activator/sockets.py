@@ -38,6 +38,15 @@ class BoundSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def discard(self) -> None:
+        """Undo an open that is not kept: close, and remove the socket file and the directories made for it."""
+        self.close(remove_file=True)
+        for directory in reversed(self.created_dirs):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # not empty: something else lives there now
+
     def close(self, remove_file: bool = True) -> None:
         self.sock.close()
         if remove_file and self.created_path:
@@ -184,12 +193,7 @@ def open_socket(spec: ListenSpec) -> BoundSocket:
         if spec.type != socket.SOCK_DGRAM:
             sock.listen(spec.backlog)
     except BaseException:
-        bound.close(remove_file=True)
-        for directory in reversed(bound.created_dirs):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
+        bound.discard()
         raise
     return bound
 
@@ -212,11 +216,6 @@ def open_all(specs: list[ListenSpec]) -> list[BoundSocket]:
             errors.append(describe_error(spec, exc))
     if errors:
         for b in bound:
-            b.close(remove_file=True)
-            for directory in reversed(b.created_dirs):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass
+            b.discard()
         raise BindError(errors)
     return bound

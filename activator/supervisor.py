@@ -329,18 +329,19 @@ class Engine:
         self.log.debug("resume", "resuming", unit=us.name)
         self._arm(us)
 
+    def _limit_hit(self, us: UnitState, event: str, what: str, limit: RateLimit) -> None:
+        """One log line, then no activation until the limit's interval ends; connections wait in the backlog."""
+        left = limit.reset_time() - time.monotonic()
+        self.log.warning(event, f"{what} ({limit.describe()}), pausing activation for {left:.1f}s; sockets stay open",
+                         unit=us.name)
+        self._pause(us, limit.reset_time())
+
     # ------------------------------------------------------ Accept=no path
     def _on_ready(self, us: UnitState, ss: SocketState) -> None:
         if not ss.armed or us.main_pid is not None:
             return  # a stale event from the same batch
         if not ss.trigger.allow(time.monotonic()):
-            self.log.warning(
-                "trigger-limit",
-                f"trigger limit hit on {ss.bound.spec.label} ({ss.trigger.describe()}), "
-                f"pausing activation for {ss.trigger.reset_time() - time.monotonic():.1f}s",
-                unit=us.name,
-            )
-            self._pause(us, ss.trigger.reset_time())
+            self._limit_hit(us, "trigger-limit", f"trigger limit hit on {ss.bound.spec.label}", ss.trigger)
             return
         self.log.debug("trigger", f"incoming traffic on {ss.bound.spec.label}", unit=us.name)
         self._start(us)
@@ -377,13 +378,7 @@ class Engine:
             return False
         now = time.monotonic()
         if not us.start_limit.allow(now):
-            self.log.warning(
-                "start-limit",
-                f"start limit hit ({us.start_limit.describe()}), not starting for "
-                f"{us.start_limit.reset_time() - now:.1f}s; sockets stay open",
-                unit=us.name,
-            )
-            self._pause(us, us.start_limit.reset_time())
+            self._limit_hit(us, "start-limit", "start limit hit", us.start_limit)
             return False
         names = us.unit.fd_names()
         fds = [s.bound.fileno() for s in us.sockets]
@@ -417,11 +412,7 @@ class Engine:
             if not ss.armed:
                 return
             if ss.trigger.enabled and not ss.trigger.allow(time.monotonic()):
-                self.log.warning(
-                    "trigger-limit", f"trigger limit hit on {ss.bound.spec.label} ({ss.trigger.describe()})",
-                    unit=us.name,
-                )
-                self._pause(us, ss.trigger.reset_time())
+                self._limit_hit(us, "trigger-limit", f"trigger limit hit on {ss.bound.spec.label}", ss.trigger)
                 return
             try:
                 fd, peer = sock._accept()
