@@ -152,9 +152,11 @@ child_main(void *arg)
     sigemptyset(&empty);
     (void)sigprocmask(SIG_SETMASK, &empty, NULL);
 
+    /* 1: a session of its own (setsid); 2: only a process group of its own (setpgid), which
+     * keeps the child in our session and so in our scheduler autogroup. */
     if (a->do_setsid) {
         a->step = STEP_SETSID;
-        if (setsid() == -1)
+        if ((a->do_setsid == 2 ? setpgid(0, 0) : setsid()) == -1)
             goto fail;
     }
 
@@ -319,7 +321,7 @@ fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
     int fork_err;
 
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#OOOipOOOOiO:spawn", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#OOOiiOOOOiO:spawn", kwlist,
                                      &path, &path_len, &argv_obj, &envp_obj, &fd_map_obj,
                                      &listen_pid_index, &do_setsid, &cwd_obj, &uid_obj, &gid_obj,
                                      &groups_obj, &umask_value, &reset_obj))
@@ -530,6 +532,7 @@ PyDoc_STRVAR(spawn_doc,
 "Start path with argv and envp (lists of bytes) in a vfork-style child and return its pid.\n"
 "fd_map: [(source, target), ...] descriptors placed at their targets.\n"
 "listen_pid_index: index of b'LISTEN_PID=' in envp, completed with the child's own pid; -1 for none.\n"
+"setsid: 0 keep our session and group, 1 a new session, 2 a new process group only.\n"
 "cwd: bytes or None; uid, gid: -1 to keep; groups: list of ints or None; umask: -1 to keep.\n"
 "reset_signals: signals set to SIG_DFL in the child even when ignored.\n"
 "On failure raises OSError(errno, strerror, step), step being one of fork, setsid, descriptors,\n"

@@ -49,7 +49,8 @@ class SpawnSpec:
     listen_pid: bool = False
     stdin: int | None = None  # a descriptor for fd 0, None to inherit ours
     stdout: int | None = None  # a descriptor for fd 1, None to inherit ours
-    new_session: bool = True
+    new_session: bool = True  # setsid(): no controlling terminal, a session (and process group) of its own
+    new_group: bool = False  # setpgid(0, 0) instead: a process group of its own, in our session
     cwd: str | None = None
     uid: int = -1
     gid: int = -1
@@ -99,7 +100,8 @@ def _spawn_fast(spec: SpawnSpec) -> int:
     try:
         return _fastspawn.spawn(
             os.fsencode(spec.executable), [os.fsencode(a) for a in spec.argv], envp, spec.fd_map(), pid_index,
-            spec.new_session, os.fsencode(spec.cwd) if spec.cwd else None, spec.uid, spec.gid,
+            1 if spec.new_session else 2 if spec.new_group else 0,
+            os.fsencode(spec.cwd) if spec.cwd else None, spec.uid, spec.gid,
             spec.groups, -1 if spec.umask is None else spec.umask, list(RESET_SIGNALS),
         )
     except OSError as exc:
@@ -113,10 +115,11 @@ def _spawn_posix(spec: SpawnSpec) -> int:
     actions = [(os.POSIX_SPAWN_DUP2, src, top + i) for i, (src, _) in enumerate(pairs)]
     actions += [(os.POSIX_SPAWN_DUP2, top + i, dst) for i, (_, dst) in enumerate(pairs)]
     actions += [(os.POSIX_SPAWN_CLOSE, top + i) for i in range(len(pairs))]
+    group = {"setpgroup": 0} if spec.new_group and not spec.new_session else {}
     try:
         return os.posix_spawn(
             spec.executable, spec.argv, spec.env, file_actions=actions, setsid=spec.new_session,
-            setsigmask=(), setsigdef=RESET_SIGNALS,
+            setsigmask=(), setsigdef=RESET_SIGNALS, **group,
         )
     except OSError as exc:
         raise _exec_error(spec, exc.errno or errno.EIO, "exec") from None
@@ -133,6 +136,9 @@ def _child(spec: SpawnSpec, report: int) -> None:
         if spec.new_session:
             step = "setsid"
             os.setsid()
+        elif spec.new_group:
+            step = "setsid"
+            os.setpgid(0, 0)
         pairs = spec.fd_map()
         step = "descriptors"
         top = max([d for _, d in pairs] + [s for s, _ in pairs] + [2]) + 1

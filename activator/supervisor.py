@@ -363,6 +363,9 @@ class Engine:
             stdout = {"null": self._devnull, "journal": None, "socket": conn}[out_mode]
         uid, gid, groups = us.credentials
         spec = SpawnSpec(
+            # A process group of its own (what a stop signals), but not a session of its own: with
+            # Linux's scheduler autogroups a new session slowed nbdkit's data path by about 10 %.
+            new_session=False, new_group=True,
             executable=us.executable, argv=list(svc.argv), env=env, fds=fds, listen_pid=bool(fds),
             stdin=stdin, stdout=stdout, cwd=svc.working_directory, uid=uid, gid=gid, groups=groups,
             umask=svc.umask,

@@ -26,7 +26,8 @@ def test_accept_no_passes_listening_socket_and_exact_env(activator, tmp_path):
     assert fds[4]["family"] == "unix" and fds[4]["local"] == str(sock_path)
     assert not fds[3]["nonblocking"] and not fds[3]["cloexec"]
     # (SigIgn is checked with a shell daemon in test_spawn: Python ignores SIGPIPE itself.)
-    assert info["ppid"] == a.pid and info["sid"] == info["pid"]
+    # A process group of its own (what a stop signals), in activator's session.
+    assert info["ppid"] == a.pid and info["pgid"] == info["pid"] and info["sid"] == os.getsid(a.pid)
     assert a.stop() == 0
     assert not sock_path.exists()
     assert not pid_alive(info["pid"])

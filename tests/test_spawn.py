@@ -454,6 +454,15 @@ def test_new_session(backend, new_session):
     assert sid == (pid if new_session else os.getsid(0))
 
 
+def test_new_process_group_in_our_session(backend):
+    pid = backend.sleeper(new_session=False, new_group=True)
+    try:
+        pgid, sid = os.getpgid(pid), session_of(pid)
+    finally:
+        backend.finish(pid)
+    assert (pgid, sid) == (pid, os.getsid(0))
+
+
 def test_cwd_and_umask(backend, tmp_path):
     pid = backend.sleeper(cwd=str(tmp_path), umask=0o027)
     cwd = os.readlink(f"/proc/{pid}/cwd")
