@@ -44,7 +44,7 @@ class SpawnError(Exception):
 class SpawnSpec:
     executable: str
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str] | list[bytes]  # a mapping, or entries already encoded as b"NAME=value"
     fds: list[int] = field(default_factory=list)  # placed at 3, 4, ...
     listen_pid: bool = False
     stdin: int | None = None  # a descriptor for fd 0, None to inherit ours
@@ -87,8 +87,23 @@ def _exec_error(spec: SpawnSpec, err: int, step: str) -> SpawnError:
     return SpawnError(f"{spec.argv[0]}: {reason}")
 
 
-def _env_list(env: dict[str, str]) -> list[bytes]:
+def encode_environment(env: dict[str, str]) -> list[bytes]:
+    """b"NAME=value" entries, as execve takes them (what a caller can prepare once and reuse)."""
     return [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+
+
+def _env_list(env: dict[str, str] | list[bytes]) -> list[bytes]:
+    return list(env) if isinstance(env, list) else encode_environment(env)
+
+
+def _env_dict(env: dict[str, str] | list[bytes]) -> dict[str, str]:
+    if not isinstance(env, list):
+        return env
+    result: dict[str, str] = {}
+    for entry in env:
+        key, _, value = os.fsdecode(entry).partition("=")
+        result.setdefault(key, value)  # as getenv(): the first entry of a name wins
+    return result
 
 
 def _spawn_fast(spec: SpawnSpec) -> int:
@@ -118,7 +133,7 @@ def _spawn_posix(spec: SpawnSpec) -> int:
     group = {"setpgroup": 0} if spec.new_group and not spec.new_session else {}
     try:
         return os.posix_spawn(
-            spec.executable, spec.argv, spec.env, file_actions=actions, setsid=spec.new_session,
+            spec.executable, spec.argv, _env_dict(spec.env), file_actions=actions, setsid=spec.new_session,
             setsigmask=(), setsigdef=RESET_SIGNALS, **group,
         )
     except OSError as exc:
@@ -163,7 +178,7 @@ def _child(spec: SpawnSpec, report: int) -> None:
         if spec.uid != -1:
             step = "setuid"
             os.setuid(spec.uid)
-        env = spec.env
+        env = _env_dict(spec.env)
         if spec.listen_pid:
             env = dict(env, LISTEN_PID=str(os.getpid()))
         step = "exec"

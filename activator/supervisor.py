@@ -29,7 +29,7 @@ from .log import Log
 from .protocol import listen_environment
 from .ratelimit import RateLimit
 from .sockets import BindError, BoundSocket, open_all
-from .spawn import SpawnError, SpawnSpec, resolve, spawn
+from .spawn import SpawnError, SpawnSpec, encode_environment, resolve, spawn
 from .units import Unit
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
@@ -37,6 +37,7 @@ EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or unt
 FINAL_GRACE = 5.0  # after SIGKILL, how long to wait for the dead to be reaped before giving up
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 DEFAULT_FORWARD = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+PER_CONNECTION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "REMOTE_ADDR", "REMOTE_PORT")
 STRIP_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 
 
@@ -76,6 +77,7 @@ class SocketState:
     bound: BoundSocket
     trigger: RateLimit
     armed: bool = False
+    family: int = 0  # the socket's, kept at hand for every accepted connection
 
 
 @dataclass(eq=False)
@@ -90,6 +92,7 @@ class UnitState:
     executable: str | None = None
     credentials: tuple[int, int, list[int] | None] = (-1, -1, None)
     base_env: dict[str, str] = field(default_factory=dict)
+    base_envp: list[bytes] = field(default_factory=list)  # base_env encoded once, for per-connection starts
     paused_until: float = 0.0
     pause_timer: list | None = None
     restart_timer: list | None = None
@@ -173,6 +176,7 @@ class Engine:
         svc = unit.service
         states = [SocketState(b, RateLimit(unit.trigger_limit_interval, unit.effective_trigger_burst)) for b in bound]
         for s in states:
+            s.family = s.bound.sock.family
             if unit.accept:
                 s.bound.sock.setblocking(False)
             elif s.bound.spec.inherited_fd is None and not s.bound.sock.getblocking():
@@ -184,6 +188,7 @@ class Engine:
         env = dict(self._env) if svc.inherit_environment else {}
         env.update(svc.environment)
         us.base_env = env
+        us.base_envp = encode_environment({k: v for k, v in env.items() if k not in PER_CONNECTION_ENV})
         return us
 
     def validate(self) -> list[str]:
@@ -351,10 +356,10 @@ class Engine:
         env.update(listen_environment(n_fds, names))
         return env
 
-    def _spawn(self, us: UnitState, fds: list[int], env: dict[str, str], conn: int | None) -> int:
+    def _spawn(self, us: UnitState, fds: list[int], env: dict[str, str] | list[bytes], conn: int | None) -> int:
         svc = us.unit.service
         if us.executable is None:
-            us.executable = resolve(svc.argv[0], env.get("PATH", os.defpath))
+            us.executable = resolve(svc.argv[0], us.base_env.get("PATH", os.defpath))
         stdin = {"null": self._devnull, "inherit": None, "socket": conn}[svc.standard_input]
         out_mode = svc.standard_output or ("socket" if svc.standard_input == "socket" else "journal")
         if out_mode == "inherit":
@@ -437,7 +442,7 @@ class Engine:
 
     def _connection(self, us: UnitState, ss: SocketState, fd: int, peer) -> None:
         unit = us.unit
-        family = ss.bound.sock.family
+        family = ss.family
         addr, port = format_peer(family, peer)
         who = f"{addr}:{port}" if addr else "a local peer"
         if us.access is not None and addr is not None and not us.access.allowed(addr):
@@ -462,16 +467,15 @@ class Engine:
             return
         svc = unit.service
         inetd = svc.standard_input == "socket"
+        # This runs for every connection: the environment is extended in its encoded form.
+        env = list(us.base_envp)
         if inetd:
-            env = dict(us.base_env)
             fds: list[int] = []
         else:
-            name = ss.bound.spec.name or "connection"
-            env = self._service_env(us, 1, [name])
+            env += [b"LISTEN_FDS=1", b"LISTEN_FDNAMES=" + (ss.bound.spec.name or "connection").encode()]
             fds = [fd]
         if addr is not None:
-            env["REMOTE_ADDR"] = addr
-            env["REMOTE_PORT"] = port
+            env += [f"REMOTE_ADDR={addr}".encode(), f"REMOTE_PORT={port}".encode()]
         try:
             pid = self._spawn(us, fds, env, fd)
         except SpawnError as exc:
