@@ -18,6 +18,15 @@ def set_child_subreaper() -> bool:
     if os.getpid() == 1:
         return True
     try:
+        from ._fastspawn import set_child_subreaper as c_set_child_subreaper  # type: ignore[attr-defined]
+
+        c_set_child_subreaper()
+        return True
+    except ImportError:
+        pass  # no C extension: ctypes below
+    except OSError:
+        return False
+    try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
