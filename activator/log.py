@@ -1,6 +1,7 @@
 """One log line per event on stderr, as text or as JSON (one object per line)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,18 @@ class Log:
         self.stream = stream if stream is not None else sys.stderr
         self.prog = prog
         self.pid = os.getpid()
+        self._held: list[str] | None = None
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Collect the lines logged inside and write them at once (1,000 sockets: one write, not 1,000)."""
+        self._held = []
+        try:
+            yield
+        finally:
+            lines, self._held = self._held, None
+            if lines:
+                self._write("".join(lines))
 
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self.threshold
@@ -37,8 +50,14 @@ class Log:
             if level in ("warning", "error"):
                 prefix += f"{level}: "
             line = prefix + message
+        if self._held is not None:
+            self._held.append(line + "\n")
+        else:
+            self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
         try:
-            self.stream.write(line + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed stderr must never stop the supervisor

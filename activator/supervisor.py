@@ -92,7 +92,7 @@ class UnitState:
     executable: str | None = None
     credentials: tuple[int, int, list[int] | None] = (-1, -1, None)
     base_env: dict[str, str] = field(default_factory=dict)
-    base_envp: list[bytes] = field(default_factory=list)  # base_env encoded once, for per-connection starts
+    base_envp: list[bytes] | None = None  # base_env encoded at the first connection, for per-connection starts
     paused_until: float = 0.0
     pause_timer: list | None = None
     restart_timer: list | None = None
@@ -188,7 +188,6 @@ class Engine:
         env = dict(self._env) if svc.inherit_environment else {}
         env.update(svc.environment)
         us.base_env = env
-        us.base_envp = encode_environment({k: v for k, v in env.items() if k not in PER_CONNECTION_ENV})
         return us
 
     def validate(self) -> list[str]:
@@ -214,12 +213,13 @@ class Engine:
         all_specs = [spec for unit in self._pending for spec in unit.sockets]
         bound = open_all(all_specs)
         it = iter(bound)
-        for unit in self._pending:
-            mine = [next(it) for _ in unit.sockets]
-            self.units[unit.name] = self._make_state(unit, mine)
-            for fd, b in enumerate(mine, start=3):
-                if b.spec.address is not None:
-                    self.log.info("listen", f"listening on {b.spec.label} as fd {fd}", unit=unit.name)
+        with self.log.hold():
+            for unit in self._pending:
+                mine = [next(it) for _ in unit.sockets]
+                self.units[unit.name] = self._make_state(unit, mine)
+                for fd, b in enumerate(mine, start=3):
+                    if b.spec.address is not None:
+                        self.log.info("listen", f"listening on {b.spec.label} as fd {fd}", unit=unit.name)
         self._pending = []
 
     def _setup_signals(self) -> None:
@@ -468,6 +468,8 @@ class Engine:
         svc = unit.service
         inetd = svc.standard_input == "socket"
         # This runs for every connection: the environment is extended in its encoded form.
+        if us.base_envp is None:
+            us.base_envp = encode_environment({k: v for k, v in us.base_env.items() if k not in PER_CONNECTION_ENV})
         env = list(us.base_envp)
         if inetd:
             fds: list[int] = []
