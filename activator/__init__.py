@@ -14,7 +14,7 @@ def __getattr__(name):  # lazy, so that `activator --version` imports nothing it
 
         return getattr(protocol, name)
     if name == "notify":
-        from .notify import notify
+        from .sdnotify import notify
 
         return notify
     raise AttributeError(f"module 'activator' has no attribute {name!r}")

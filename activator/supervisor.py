@@ -167,7 +167,7 @@ class Engine:
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
         self._signal_r = self._signal_w = -1
-        from .notify import NotifyHub
+        from .sdnotify import NotifyHub
 
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
 
@@ -257,7 +257,7 @@ class Engine:
     def _notify_ready(self) -> None:
         if os.environ.get("NOTIFY_SOCKET"):
             try:
-                from .notify import notify
+                from .sdnotify import notify
 
                 notify("READY=1", f"MAINPID={os.getpid()}")
             except Exception as exc:  # noqa: BLE001 - readiness is best effort

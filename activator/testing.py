@@ -284,7 +284,7 @@ class Activated:
         self._exited.set()
 
     def _start_notify(self) -> None:
-        from .notify import NotifySocket
+        from .sdnotify import NotifySocket
 
         self._notify = NotifySocket()
         t = threading.Thread(target=self._notify_loop, name="activator-testing-notify", daemon=True)

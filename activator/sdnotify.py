@@ -566,16 +566,3 @@ class NotifyHub:
     def _drop_store(self, name: str) -> None:
         for item in self.stores.pop(name, []):
             self._close_stored(item)
-
-
-class _CallableModule(type(os)):
-    """``activator.notify`` is both this module and the function: importing the module (the engine
-    does) makes it the package attribute, so calling it must still send."""
-
-    def __call__(self, *assignments: str, fds=None, unset_environment: bool = False) -> bool:
-        return notify(*assignments, fds=fds, unset_environment=unset_environment)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
