@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -37,6 +36,8 @@ class Log:
         if LEVELS[level] < self.threshold:
             return
         if self.json:
+            import json  # only for --log-format json: text logs do without it
+
             now = time.time()  # read once: seconds and milliseconds must come from the same instant
             record = {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
