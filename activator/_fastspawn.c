@@ -67,8 +67,8 @@
 #endif
 
 #define LISTEN_PID_PREFIX "LISTEN_PID="
-#define LISTEN_PID_PREFIX_LEN (sizeof(LISTEN_PID_PREFIX) - 1)
 #define LISTEN_PID_DIGITS 20
+#define WATCHDOG_PID_PREFIX "WATCHDOG_PID="
 
 /* The child needs little stack, but its first call to each libc function goes
  * through the dynamic linker's lazy binding, which saves the full vector
@@ -104,7 +104,7 @@ struct child_args {
     const char *path;
     char *const *argv;
     char *const *envp;
-    char *pid_digits;      /* where the child writes its pid (NUL-terminated), or NULL */
+    char *pid_digits[2];   /* where the child writes its pid (LISTEN_PID=, WATCHDOG_PID=), or NULL */
     const int *src;
     const int *dst;
     int nfds;
@@ -201,18 +201,22 @@ child_main(void *arg)
             goto fail;
     }
 
-    if (a->pid_digits != NULL) {
+    if (a->pid_digits[0] != NULL || a->pid_digits[1] != NULL) {
         /* getpid() through the kernel: never a cached value of the parent. */
         unsigned long long pid = (unsigned long long)syscall(SYS_getpid);
         char tmp[LISTEN_PID_DIGITS];
-        int n = 0, k;
+        int n = 0, k, slot;
         do {
             tmp[n++] = (char)('0' + (int)(pid % 10));
             pid /= 10;
         } while (pid != 0 && n < LISTEN_PID_DIGITS);
-        for (k = 0; k < n; k++)
-            a->pid_digits[k] = tmp[n - 1 - k];
-        a->pid_digits[n] = '\0';
+        for (slot = 0; slot < 2; slot++) {
+            if (a->pid_digits[slot] == NULL)
+                continue;
+            for (k = 0; k < n; k++)
+                a->pid_digits[slot][k] = tmp[n - 1 - k];
+            a->pid_digits[slot][n] = '\0';
+        }
     }
 
     a->step = STEP_EXEC;
@@ -292,22 +296,50 @@ raise_step(int err, const char *step)
     return PyErr_SetFromErrnoWithFilename(PyExc_OSError, step);
 }
 
+/* envp[index] must be exactly prefix ("NAME="): it is replaced by a buffer with room for the
+ * child's pid, which the child writes before exec. index < 0: nothing to do. */
+static int
+pid_slot(PyObject *envp_t, char **envp, int index, const char *prefix, char **buf, char **digits)
+{
+    size_t len = strlen(prefix);
+
+    if (index < 0)
+        return 0;
+    if (index >= PyTuple_Size(envp_t)) {
+        PyErr_Format(PyExc_IndexError, "index of %s out of range", prefix);
+        return -1;
+    }
+    if (strcmp(envp[index], prefix) != 0) {
+        PyErr_Format(PyExc_ValueError, "envp[%d] must be b'%s'", index, prefix);
+        return -1;
+    }
+    *buf = PyMem_Malloc(len + LISTEN_PID_DIGITS + 1);
+    if (*buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(*buf, prefix, len + 1);
+    envp[index] = *buf;
+    *digits = *buf + len;
+    return 0;
+}
+
 static PyObject *
 fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {
         "path", "argv", "envp", "fd_map", "listen_pid_index", "setsid", "cwd",
-        "uid", "gid", "groups", "umask", "reset_signals", NULL,
+        "uid", "gid", "groups", "umask", "reset_signals", "watchdog_pid_index", NULL,
     };
     const char *path;
     Py_ssize_t path_len;
     PyObject *argv_obj, *envp_obj, *fd_map_obj, *cwd_obj, *uid_obj, *gid_obj;
     PyObject *groups_obj, *reset_obj;
-    int listen_pid_index, do_setsid, umask_value;
+    int listen_pid_index, do_setsid, umask_value, watchdog_pid_index = -1;
 
     PyObject *argv_t = NULL, *envp_t = NULL, *fd_t = NULL, *groups_t = NULL, *reset_t = NULL;
     char **argv = NULL, **envp = NULL;
-    char *pid_buf = NULL;
+    char *pid_buf[2] = {NULL, NULL};
     int *fds = NULL;
     gid_t *groups = NULL;
     void *stack = MAP_FAILED;
@@ -322,10 +354,10 @@ fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
     int fork_err;
 
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#OOOiiOOOOiO:spawn", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#OOOiiOOOOiO|i:spawn", kwlist,
                                      &path, &path_len, &argv_obj, &envp_obj, &fd_map_obj,
                                      &listen_pid_index, &do_setsid, &cwd_obj, &uid_obj, &gid_obj,
-                                     &groups_obj, &umask_value, &reset_obj))
+                                     &groups_obj, &umask_value, &reset_obj, &watchdog_pid_index))
         return NULL;
 
     memset(&a, 0, sizeof(a));
@@ -347,24 +379,9 @@ fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
     a.argv = argv;
     a.envp = envp;
 
-    if (listen_pid_index >= 0) {
-        if (listen_pid_index >= PyTuple_Size(envp_t)) {
-            PyErr_SetString(PyExc_IndexError, "listen_pid_index out of range");
-            goto done;
-        }
-        if (strcmp(envp[listen_pid_index], LISTEN_PID_PREFIX) != 0) {
-            PyErr_SetString(PyExc_ValueError, "envp[listen_pid_index] must be b'" LISTEN_PID_PREFIX "'");
-            goto done;
-        }
-        pid_buf = PyMem_Malloc(LISTEN_PID_PREFIX_LEN + LISTEN_PID_DIGITS + 1);
-        if (pid_buf == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        memcpy(pid_buf, LISTEN_PID_PREFIX, LISTEN_PID_PREFIX_LEN + 1);
-        envp[listen_pid_index] = pid_buf;
-        a.pid_digits = pid_buf + LISTEN_PID_PREFIX_LEN;
-    }
+    if (pid_slot(envp_t, envp, listen_pid_index, LISTEN_PID_PREFIX, &pid_buf[0], &a.pid_digits[0]) < 0
+        || pid_slot(envp_t, envp, watchdog_pid_index, WATCHDOG_PID_PREFIX, &pid_buf[1], &a.pid_digits[1]) < 0)
+        goto done;
 
     /* fd_map: [(source, target), ...] */
     if ((fd_t = PySequence_Tuple(fd_map_obj)) == NULL)
@@ -514,7 +531,8 @@ fastspawn_spawn(PyObject *module, PyObject *args, PyObject *kwargs)
 done:
     if (stack != MAP_FAILED)
         munmap(stack, CHILD_STACK_SIZE);
-    PyMem_Free(pid_buf);
+    PyMem_Free(pid_buf[0]);
+    PyMem_Free(pid_buf[1]);
     PyMem_Free(groups);
     PyMem_Free(fds);
     PyMem_Free(envp);
@@ -533,6 +551,7 @@ PyDoc_STRVAR(spawn_doc,
 "Start path with argv and envp (lists of bytes) in a vfork-style child and return its pid.\n"
 "fd_map: [(source, target), ...] descriptors placed at their targets.\n"
 "listen_pid_index: index of b'LISTEN_PID=' in envp, completed with the child's own pid; -1 for none.\n"
+"watchdog_pid_index (optional): the same for b'WATCHDOG_PID='.\n"
 "setsid: 0 keep our session and group, 1 a new session, 2 a new process group only.\n"
 "cwd: bytes or None; uid, gid: -1 to keep; groups: list of ints or None; umask: -1 to keep.\n"
 "reset_signals: signals set to SIG_DFL in the child even when ignored.\n"

@@ -46,7 +46,8 @@ class SpawnSpec:
     argv: list[str]
     env: dict[str, str] | list[bytes]  # a mapping, or entries already encoded as b"NAME=value"
     fds: list[int] = field(default_factory=list)  # placed at 3, 4, ...
-    listen_pid: bool = False
+    listen_pid: bool = False  # set LISTEN_PID to the child's own pid
+    watchdog_pid: bool = False  # set WATCHDOG_PID to the child's own pid
     stdin: int | None = None  # a descriptor for fd 0, None to inherit ours
     stdout: int | None = None  # a descriptor for fd 1, None to inherit ours
     new_session: bool = True  # setsid(): no controlling terminal, a session (and process group) of its own
@@ -108,16 +109,19 @@ def _env_dict(env: dict[str, str] | list[bytes]) -> dict[str, str]:
 
 def _spawn_fast(spec: SpawnSpec) -> int:
     envp = _env_list(spec.env)
-    pid_index = -1
+    pid_index = watchdog_index = -1
     if spec.listen_pid:
         pid_index = len(envp)
         envp.append(b"LISTEN_PID=")
+    if spec.watchdog_pid:
+        watchdog_index = len(envp)
+        envp.append(b"WATCHDOG_PID=")
     try:
         return _fastspawn.spawn(
             os.fsencode(spec.executable), [os.fsencode(a) for a in spec.argv], envp, spec.fd_map(), pid_index,
             1 if spec.new_session else 2 if spec.new_group else 0,
             os.fsencode(spec.cwd) if spec.cwd else None, spec.uid, spec.gid,
-            spec.groups, -1 if spec.umask is None else spec.umask, list(RESET_SIGNALS),
+            spec.groups, -1 if spec.umask is None else spec.umask, list(RESET_SIGNALS), watchdog_index,
         )
     except OSError as exc:
         step = getattr(exc, "filename", None) or "exec"
@@ -178,9 +182,11 @@ def _child(spec: SpawnSpec, report: int) -> None:
         if spec.uid != -1:
             step = "setuid"
             os.setuid(spec.uid)
-        env = _env_dict(spec.env)
+        env = dict(_env_dict(spec.env))
         if spec.listen_pid:
-            env = dict(env, LISTEN_PID=str(os.getpid()))
+            env["LISTEN_PID"] = str(os.getpid())
+        if spec.watchdog_pid:
+            env["WATCHDOG_PID"] = str(os.getpid())
         step = "exec"
         os.execve(spec.executable, spec.argv, env)
     except OSError as exc:
@@ -220,6 +226,6 @@ def spawn(spec: SpawnSpec) -> int:
     if _fastspawn is not None:
         return _spawn_fast(spec)
     simple = spec.cwd is None and spec.uid == -1 and spec.gid == -1 and spec.groups is None and spec.umask is None
-    if simple and not spec.listen_pid:
+    if simple and not spec.listen_pid and not spec.watchdog_pid:
         return _spawn_posix(spec)
     return _spawn_fork(spec)

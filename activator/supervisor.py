@@ -372,6 +372,7 @@ class Engine:
             # Linux's scheduler autogroups a new session slowed nbdkit's data path by about 10 %.
             new_session=False, new_group=True,
             executable=us.executable, argv=list(svc.argv), env=env, fds=fds, listen_pid=bool(fds),
+            watchdog_pid=isinstance(env, dict) and "WATCHDOG_USEC" in env,
             stdin=stdin, stdout=stdout, cwd=svc.working_directory, uid=uid, gid=gid, groups=groups,
             umask=svc.umask,
         )

@@ -202,6 +202,22 @@ def test_watchdog_restarts_a_daemon_that_stops_pinging(activator, tmp_path):
     assert a.stop() == 0
 
 
+def test_watchdog_environment_names_the_daemon_itself(activator, tmp_path):
+    # sd_watchdog_enabled() ignores WATCHDOG_USEC when WATCHDOG_PID names another process:
+    # like LISTEN_PID, it is written in the child, so it is the daemon's own pid.
+    port = free_port()
+    report = tmp_path / "report.json"
+    unit = write_unit(tmp_path, port, [sys.executable, PROBE, str(report)], watchdog_sec="30s")
+    a = activator("serve", unit)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)) as c:
+        c.recv(100)
+    info = read_probe(report)
+    assert info["env"]["WATCHDOG_PID"] == str(info["pid"]) == info["env"]["LISTEN_PID"]
+    assert info["env"]["WATCHDOG_USEC"] == "30000000"
+    assert a.stop() == 0
+
+
 def test_mainpid_moves_supervision_to_the_child(activator, tmp_path):
     port = free_port()
     unit = write_unit(tmp_path, port, [sys.executable, NOTIFIER, "activator", "mainpid"], type="notify")

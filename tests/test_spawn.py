@@ -183,7 +183,7 @@ def sockets_at(*numbers: int):
 
 
 def _posix_capable(spec: S.SpawnSpec) -> bool:
-    return (not spec.listen_pid and spec.cwd is None and spec.uid == -1 and spec.gid == -1
+    return (not spec.listen_pid and not spec.watchdog_pid and spec.cwd is None and spec.uid == -1 and spec.gid == -1
             and spec.groups is None and spec.umask is None)
 
 
@@ -255,6 +255,23 @@ def test_listen_pid_is_the_daemons_own_pid(backend):
             os.close(w)
     assert backend.finish(pid) == 0
     assert out == [str(pid), str(pid)]
+
+
+@pytest.mark.parametrize("listen_pid", [True, False])
+def test_watchdog_pid_is_the_daemons_own_pid(backend, listen_pid):
+    r, w = os.pipe()
+    try:
+        pid = backend.spawn(S.SpawnSpec(SH, ["sh", "-c", 'echo "$$ ${LISTEN_PID:-none} $WATCHDOG_PID"'], env(),
+                                        listen_pid=listen_pid, watchdog_pid=True, stdout=w))
+        os.close(w)
+        w = -1
+        out = read_all(r).decode().split()
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)
+    assert backend.finish(pid) == 0
+    assert out == [str(pid), str(pid) if listen_pid else "none", str(pid)]
 
 
 def test_environment_is_exactly_what_was_given(backend):
