@@ -100,6 +100,11 @@ def start_inetd_peer(ctx: Context, peer: str, port: int, server: list[str], maxc
         argv = ["xinetd", "-dontfork", "-f", conf, "-pidfile", os.path.join(os.path.dirname(conf), "pid")]
     else:
         raise ValueError(peer)
+    return _launch(argv, port)
+
+
+def _launch(argv: list[str], port: int) -> Proc:
+    """Start a peer and wait until it listens on ``port``; stopped again if it never does."""
     if not shutil.which(argv[0]) and not os.path.exists(argv[0]):
         raise BenchError(f"{argv[0]} is not installed")
     proc = Proc(argv)
@@ -118,15 +123,7 @@ def start_fd3_peer(ctx: Context, peer: str, port: int, server: list[str], maxcon
         argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-a", *server]
     else:
         raise ValueError(peer)
-    if not shutil.which(argv[0]) and not os.path.exists(argv[0]):
-        raise BenchError(f"{argv[0]} is not installed")
-    proc = Proc(argv)
-    try:
-        wait_listening(port, proc)
-    except BenchError:
-        proc.stop()
-        raise
-    return proc
+    return _launch(argv, port)
 
 
 def connbench(ctx: Context, port: int, threads: int, seconds: float, maxconn: int) -> tuple[int, int, float]:

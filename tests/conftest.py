@@ -38,6 +38,23 @@ def free_port(family: int = socket.AF_INET) -> int:
         return s.getsockname()[1]
 
 
+def free_dual_port() -> int:
+    """A port free for both IPv4 and IPv6 (what a bare PORT binds: [::] dual-stack)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,11 +139,7 @@ class Activator:
         self.wait_log(r"listening on", timeout=timeout, count=n)
 
     def children(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return []
+        return children(self.pid)
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

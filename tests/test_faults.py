@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 
-from conftest import free_port, wait_for
+from conftest import children, free_port, wait_for
 
 LONG = bool(os.environ.get("ACTIVATOR_LONG_TESTS"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -58,14 +58,6 @@ def cpu_seconds(pid: int) -> float:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 class Daemon:

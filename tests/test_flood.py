@@ -11,7 +11,7 @@ import statistics
 import threading
 import time
 
-from conftest import free_port, wait_for
+from conftest import children, free_port, wait_for
 
 FLOOD_CONNECTIONS = int(os.environ.get("ACTIVATOR_FLOOD_CONNECTIONS", "3000"))
 FLOOD_THREADS = 40
@@ -33,14 +33,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 def zombies(pid: int) -> list[int]:

@@ -13,17 +13,9 @@ import uuid
 
 import pytest
 
-from conftest import IN_CI, PROBE, Activator, connect, free_port, pid_alive, read_probe, wait_for
+from conftest import IN_CI, PROBE, Activator, connect, free_dual_port, free_port, pid_alive, read_probe, wait_for
 
 PY = sys.executable
-
-
-def free_dual_port() -> int:
-    """A port free for both IPv4 and IPv6 (what a bare PORT binds: [::] dual-stack)."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", 0))
-        return s.getsockname()[1]
 
 
 def probe(report, mode=None):

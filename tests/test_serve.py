@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROBE, ROOT, connect, free_port, pid_alive, read_probe, require, wait_for
+from conftest import PROBE, ROOT, connect, free_dual_port, free_port, pid_alive, read_probe, require, wait_for
 
 CONFIGS = ROOT / "configs"
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by `nobody`, unlike a venv under /root
@@ -83,7 +83,8 @@ def rewrite(text: str, tmp: Path) -> tuple[str, dict[int, int]]:
     ports: dict[int, int] = {}
 
     def port_for(old: str) -> int:
-        return ports.setdefault(int(old), free_port())
+        # Free on [::] dual-stack, which a bare "PORT" binds (free on 127.0.0.1 alone is not enough).
+        return ports.setdefault(int(old), free_dual_port())
 
     out = []
     for line in text.splitlines():
