@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -31,19 +32,50 @@ def require(*tools: str) -> None:
         pytest.skip(message)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_RANDOM_PORTS = random.Random(os.getpid())
+
+
+def _pick_port(bind_one) -> int:
+    """A port below the kernel's ephemeral range, so that no client connection of the suite (which
+    takes ephemeral ports) can hold it between this check and the bind by activator."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _RANDOM_PORTS.randrange(10000, max(low, 10001))
+        try:
+            bind_one(port)
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port found in 200 tries")
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+
+    def bind_one(port):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+
+    return _pick_port(bind_one)
 
 
 def free_dual_port() -> int:
     """A port free for both IPv4 and IPv6 (what a bare PORT binds: [::] dual-stack)."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", 0))
-        return s.getsockname()[1]
+
+    def bind_one(port):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", port))
+
+    return _pick_port(bind_one)
 
 
 def children(pid: int) -> list[int]:
