@@ -1,17 +1,50 @@
 """Entry point of the `activator` command and of `python -m activator`.
 
-`--version` is answered before the command-line machinery (click) is imported:
-it is what scripts and health checks call most, and it should cost no more
-than starting the interpreter.
+`--version` and the top-level `--help` are answered before the command-line
+machinery (click) is imported: they are what scripts, health checks and
+newcomers call most, and they should cost no more than starting the
+interpreter. The help text below is click's own rendering of `activator.cli`;
+tests/test_cli_help.py fails when the two drift apart.
 """
+import os
 import sys
+
+HELP = """\
+Usage: activator [OPTIONS] COMMAND [ARGS]...
+
+  Socket-activation launcher and supervisor.
+
+  Holds listening sockets, starts daemons on demand with them
+  at fd 3, 4, ... (LISTEN_FDS), supervises and restarts them.
+
+Options:
+  --version   Show the version and exit.
+  -h, --help  Show this message and exit.
+
+Commands:
+  check  Validate TOML unit files without binding anything.
+  run    Start COMMAND on demand with the sockets at fd 3, 4, ...
+  serve  Run the units of TOML files; SIGHUP reloads.
+"""
+
+
+def _narrow_terminal() -> bool:
+    # click wraps to the terminal below 80 columns; there the text above would not be its rendering.
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns < 80
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:
+    args = sys.argv[1:]
+    if args == ["--version"]:
         from . import __version__
 
         sys.stdout.write(f"activator {__version__}\n")
+        return
+    if args in (["--help"], ["-h"]) and os.path.basename(sys.argv[0]) == "activator" and not _narrow_terminal():
+        sys.stdout.write(HELP)
         return
     from .cli import main as cli_main
 

@@ -55,9 +55,8 @@ def main() -> None:
     """Socket-activation launcher and supervisor.
 
     \b
-    activator run    -- start a command on demand (systemd-socket-activate style)
-    activator serve  -- run the units described in TOML files
-    activator check  -- validate TOML unit files without binding anything
+    Holds listening sockets, starts daemons on demand with them
+    at fd 3, 4, ... (LISTEN_FDS), supervises and restarts them.
     """
 
 
@@ -93,7 +92,8 @@ def _forward_signals(values: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(result)
 
 
-@main.command(context_settings={"allow_interspersed_args": False})
+@main.command(context_settings={"allow_interspersed_args": False},
+              short_help="Start COMMAND on demand with the sockets at fd 3, 4, ...")
 @click.option("-l", "--listen", "listen", multiple=True, metavar="ADDR",
               help="Listen on ADDR: PORT, IPv4:PORT, [IPv6]:PORT, /path, @abstract, vsock:CID:PORT (repeatable).")
 @click.option("-a", "--accept", is_flag=True, help="Start one instance per connection (inetd style).")
@@ -278,7 +278,7 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
     return ["/etc/activator"]
 
 
-@main.command()
+@main.command(short_help="Run the units of TOML files; SIGHUP reloads.")
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--exit-with-service", is_flag=True,
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
@@ -309,7 +309,7 @@ def serve(paths, exit_with_service, forward, verbose, log_format):
                  reloader=lambda: load_units(sources, inherited=inherited))
 
 
-@main.command()
+@main.command(short_help="Validate TOML unit files without binding anything.")
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
 def check(paths):
     """Validate unit files without binding anything: exit 0 when valid, 1 listing every error."""
