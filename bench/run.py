@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {
     "full": dict(rounds=5, warmup_s=0.5, batch_s=2.0, batch_max=100000, latency_samples=30, startup_runs=30,
                  idle_s=10.0, scale_n=1000, scale_rounds=5, dispatch_samples=50, hold_n=2000, nbd_size="1G",
-                 nbd_rounds=5),
+                 nbd_rounds=15),
     "quick": dict(rounds=3, warmup_s=0.3, batch_s=1.0, batch_max=100000, latency_samples=15, startup_runs=15,
                   idle_s=5.0, scale_n=1000, scale_rounds=3, dispatch_samples=20, hold_n=2000, nbd_size="256M",
                   nbd_rounds=3),
