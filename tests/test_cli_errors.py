@@ -155,7 +155,7 @@ GOOD = '[u]\nsocket.listen-stream = "127.0.0.1:{port}"\nservice.exec-start = ["t
     ('[u]\nsocket.listen-stream = "127.0.0.1:1"\nservice.exec-start = []\n', ["exec-start"]),
     ('[u]\nsocket.listen-stream = "127.0.0.1:1"\nsocket.socket-mode = "rwx"\nservice.exec-start = ["true"]\n',
      ["socket-mode"]),
-    ('[u]\nsocket.listen-stream = "127.0.0.1:1"\nsocket.ip-address-allow = "10.0.0.0/99"\n'
+    ('[u]\nsocket.listen-stream = "127.0.0.1:1"\nsocket.ip-address-allow = "192.0.2.0/99"\n'
      'service.exec-start = ["true"]\n', ["ip-address-allow"]),
     ("u = 3\n", ["u"]),
 ])

@@ -144,7 +144,7 @@ def test_service_keys(tmp_path):
         socket.max-connections = 5
         socket.trigger-limit-interval-sec = "500ms"
         socket.trigger-limit-burst = 3
-        socket.ip-address-allow = ["localhost", "10.0.0.0/8"]
+        socket.ip-address-allow = ["localhost", "192.0.2.0/24"]
         socket.ip-address-deny = "any"
         start-limit-burst = 7
         [svc.service]
@@ -182,7 +182,7 @@ def test_service_keys(tmp_path):
     assert svc.file_descriptor_store_max == 4 and svc.umask == 0o027
     assert (svc.user, svc.group) == ("root", "0")
     assert unit.max_connections == 5 and unit.trigger_limit_interval == 0.5 and unit.trigger_limit_burst == 3
-    assert unit.ip_address_allow == ["localhost", "10.0.0.0/8"] and unit.ip_address_deny == ["any"]
+    assert unit.ip_address_allow == ["localhost", "192.0.2.0/24"] and unit.ip_address_deny == ["any"]
 
 
 @pytest.mark.parametrize("value, expected", [('"SIGHUP"', signal.SIGHUP), ('"hup"', signal.SIGHUP),

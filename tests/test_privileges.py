@@ -182,7 +182,7 @@ def test_ip_address_rules_from_config(activator, tmp_path):
     config = tmp_path / "acl.toml"
     config.write_text(
         f'[acl]\nsocket.listen-stream = "127.0.0.1:{port}"\nsocket.accept = true\n'
-        'socket.ip-address-deny = "any"\nsocket.ip-address-allow = ["127.0.0.2/32", "10.0.0.0/8"]\n'
+        'socket.ip-address-deny = "any"\nsocket.ip-address-allow = ["127.0.0.2/32", "192.0.2.0/24"]\n'
         f'service.exec-start = ["sh", "-c", "echo $REMOTE_ADDR >> {seen}; echo served"]\n'
         'service.standard-input = "socket"\n'
     )

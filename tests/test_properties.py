@@ -104,7 +104,7 @@ _words = st.sampled_from([
     "127.0.0.1:0", "[::1]:0", "/tmp/activator-prop/x.sock", "@abstract", "vsock::5000", "8080", "0",
     "nobody", "root", "nogroup", "no-such-user-xyz", "SIGTERM", "SIGKILL", "9", "always", "no", "on-failure",
     "control-group", "mixed", "process", "null", "socket", "inherit", "journal", "infinity", "100ms", "1min 30s",
-    "-5s", "0755", "0o600", "777", "rwx", "localhost", "any", "link-local", "10.0.0.0/8", "::1/128", "1.2.3.4/33",
+    "-5s", "0755", "0o600", "777", "rwx", "localhost", "any", "link-local", "192.0.2.0/24", "::1/128", "1.2.3.4/33",
     "true", "cat", "/bin/true", "²", "٣", "SIG²", "１０", "sh -c 'echo hi'", "'unterminated", "64K", "1G", "both", "ipv6-only", "",
 ])
 _scalar = st.one_of(
