@@ -68,9 +68,12 @@ def descendants(roots: set[int], parents: dict[int, int] | None = None) -> set[i
     return found
 
 
-def signal_tree(root: int, sig: int, group: bool = True) -> None:
-    """Send ``sig`` to ``root``'s process group (its session leader's group) and all its descendants."""
-    targets = descendants({root})
+def signal_tree(root: int, sig: int, group: bool = True, parents: dict[int, int] | None = None) -> None:
+    """Send ``sig`` to ``root``'s process group and all its descendants.
+
+    ``parents`` (from parent_map()) lets a caller signalling many trees read /proc once, not per tree.
+    """
+    targets = descendants({root}, parents)
     if group:
         try:
             os.killpg(root, sig)

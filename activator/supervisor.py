@@ -574,16 +574,19 @@ class Engine:
     # ---------------------------------------------------------------- stopping
     def _signal_unit(self, us: UnitState, sig: int) -> None:
         mode = us.unit.service.kill_mode
+        whole_tree = mode == "control-group" or (mode == "mixed" and sig == signal.SIGKILL)
+        # One /proc read for all of them: accept mode may have thousands of instances.
+        parents = processes.parent_map() if whole_tree and us.has_processes() else None
         for pid in us.pids():
             if mode == "none":
                 continue
-            if mode == "process" or (mode == "mixed" and sig != signal.SIGKILL):
+            if not whole_tree:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             else:
-                processes.signal_tree(pid, sig)
+                processes.signal_tree(pid, sig, parents=parents)
             if sig not in (signal.SIGKILL, signal.SIGCONT):
                 try:
                     os.kill(pid, signal.SIGCONT)  # a stopped daemon must see the signal now

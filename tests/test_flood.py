@@ -281,3 +281,38 @@ def test_many_connections_no_descriptor_leak(activator):
         f"every daemon saw fds 0-3 only; fds {base_fds}->{after_fds}, RSS {base_rss}->{after_rss} KiB"
     )
     assert a.stop() == 0
+
+
+# ------------------------------------------------------------------ stopping many instances
+HELD_INSTANCES = 1000
+
+
+def test_stop_with_a_thousand_instances_is_quick(activator):
+    """Stopping reads /proc once for all instances: with one read per instance, 2,000 instances
+    took 41 s to stop (longer than a container engine's grace period); now well under a second."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = HELD_INSTANCES + 200
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(need, soft), hard), hard))
+    port = free_port()
+    a = activator("run", "-a", "--inetd", "--max-connections", HELD_INSTANCES + 10, "-l", f"127.0.0.1:{port}",
+                  "--", "cat")
+    a.wait_listening()
+    conns = []
+    try:
+        for _ in range(HELD_INSTANCES):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        wait_for(lambda: len(children(a.pid)) >= HELD_INSTANCES, 60, interval=0.1,
+                 what=f"{HELD_INSTANCES} instances")
+        kids = children(a.pid)
+        started = time.monotonic()
+        assert a.stop(timeout=30) == 0
+        took = time.monotonic() - started
+        print(f"\nstop with {len(kids)} instances took {took:.2f}s")
+        assert took < 5.0
+        assert not [pid for pid in kids if os.path.exists(f"/proc/{pid}")]
+    finally:
+        for c in conns:
+            c.close()
