@@ -572,11 +572,12 @@ class Engine:
             self._unpause(us)
 
     # ---------------------------------------------------------------- stopping
-    def _signal_unit(self, us: UnitState, sig: int) -> None:
+    def _signal_unit(self, us: UnitState, sig: int, parents: dict[int, int] | None = None) -> None:
+        """``parents``: a parent_map() the caller read once for many units (thousands of processes)."""
         mode = us.unit.service.kill_mode
         whole_tree = mode == "control-group" or (mode == "mixed" and sig == signal.SIGKILL)
-        # One /proc read for all of them: accept mode may have thousands of instances.
-        parents = processes.parent_map() if whole_tree and us.has_processes() else None
+        if whole_tree and parents is None and us.has_processes():
+            parents = processes.parent_map()  # one /proc read for all instances of the unit
         for pid in us.pids():
             if mode == "none":
                 continue
@@ -593,12 +594,12 @@ class Engine:
                 except ProcessLookupError:
                     pass
 
-    def _stop_unit(self, us: UnitState, reason: str = "stop") -> None:
+    def _stop_unit(self, us: UnitState, reason: str = "stop", parents: dict[int, int] | None = None) -> None:
         """Ask the unit's processes to end; SIGKILL what remains after timeout-stop-sec."""
-        if not us.pids():
+        if not us.has_processes():
             return
         us.forced = reason
-        self._signal_unit(us, us.unit.service.kill_signal)
+        self._signal_unit(us, us.unit.service.kill_signal, parents)
         timeout = us.unit.service.timeout_stop
         Timers.cancel(us.kill_timer)
         if timeout != float("inf"):
@@ -606,13 +607,13 @@ class Engine:
 
     def _kill_unit(self, us: UnitState) -> None:
         us.kill_timer = None
-        if us.pids():
+        if us.has_processes():
             self.log.warning("kill", f"still running after {us.unit.service.timeout_stop:g}s, sending SIGKILL", unit=us.name)
-            saved = us.unit.service.kill_mode
-            self._signal_unit(us, signal.SIGKILL)
-            if saved == "process":
+            parents = processes.parent_map()
+            self._signal_unit(us, signal.SIGKILL, parents)
+            if us.unit.service.kill_mode == "process":
                 for pid in us.pids():
-                    processes.signal_tree(pid, signal.SIGKILL)
+                    processes.signal_tree(pid, signal.SIGKILL, parents=parents)
 
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
@@ -624,10 +625,11 @@ class Engine:
             self._disarm(us)
             Timers.cancel(us.restart_timer)
             Timers.cancel(us.pause_timer)
+        parents = processes.parent_map()  # read once for every unit: there may be thousands of processes
         for us in self.units.values():
-            self._stop_unit(us)
+            self._stop_unit(us, parents=parents)
         # Orphans that no unit claims (double-forked away, reparented to us) are ended too.
-        for pid in self._untracked_children():
+        for pid in self._untracked_children(parents):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -637,14 +639,15 @@ class Engine:
             self._final_timer = self.timers.add(time.monotonic() + longest, lambda: self._kill_everything(signal.SIGKILL))
         self._check_stopped()
 
-    def _untracked_children(self) -> list[int]:
+    def _untracked_children(self, parents: dict[int, int]) -> list[int]:
         me = os.getpid()
-        return [pid for pid, ppid in processes.parent_map().items() if ppid == me and pid not in self.pids]
+        return [pid for pid, ppid in parents.items() if ppid == me and pid not in self.pids]
 
     def _kill_everything(self, sig: int) -> None:
+        parents = processes.parent_map()
         for us in self.units.values():
-            self._signal_unit(us, sig)
-        for pid in processes.descendants({os.getpid()}):
+            self._signal_unit(us, sig, parents)
+        for pid in processes.descendants({os.getpid()}, parents):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
