@@ -242,34 +242,30 @@ def backend(request, monkeypatch):
 # ---------------------------------------------------------------- LISTEN_PID and environment
 
 
-def test_listen_pid_is_the_daemons_own_pid(backend):
+def shell_output(backend, script: str, **kw) -> tuple[int, list[str]]:
+    """Spawn `sh -c script` with stdout on a pipe; its pid and the words it printed."""
     r, w = os.pipe()
     try:
-        pid = backend.spawn(S.SpawnSpec(SH, ["sh", "-c", 'echo "$$ $LISTEN_PID"'], env(), listen_pid=True, stdout=w))
+        pid = backend.spawn(S.SpawnSpec(SH, ["sh", "-c", script], env(), stdout=w, **kw))
         os.close(w)
         w = -1
-        out = read_all(r).decode().split()
+        return pid, read_all(r).decode().split()
     finally:
         os.close(r)
         if w != -1:
             os.close(w)
+
+
+def test_listen_pid_is_the_daemons_own_pid(backend):
+    pid, out = shell_output(backend, 'echo "$$ $LISTEN_PID"', listen_pid=True)
     assert backend.finish(pid) == 0
     assert out == [str(pid), str(pid)]
 
 
 @pytest.mark.parametrize("listen_pid", [True, False])
 def test_watchdog_pid_is_the_daemons_own_pid(backend, listen_pid):
-    r, w = os.pipe()
-    try:
-        pid = backend.spawn(S.SpawnSpec(SH, ["sh", "-c", 'echo "$$ ${LISTEN_PID:-none} $WATCHDOG_PID"'], env(),
-                                        listen_pid=listen_pid, watchdog_pid=True, stdout=w))
-        os.close(w)
-        w = -1
-        out = read_all(r).decode().split()
-    finally:
-        os.close(r)
-        if w != -1:
-            os.close(w)
+    pid, out = shell_output(backend, 'echo "$$ ${LISTEN_PID:-none} $WATCHDOG_PID"', listen_pid=listen_pid,
+                            watchdog_pid=True)
     assert backend.finish(pid) == 0
     assert out == [str(pid), str(pid) if listen_pid else "none", str(pid)]
 
@@ -442,17 +438,7 @@ def test_spawning_while_signals_rain_on_us(backend):
     try:
         listen_pid = backend.name != "posix"
         for _ in range(30):
-            r, w = os.pipe()
-            try:
-                pid = backend.spawn(S.SpawnSpec(SH, ["sh", "-c", 'echo "$$ ${LISTEN_PID-none}"'], env(),
-                                                listen_pid=listen_pid, stdout=w))
-                os.close(w)
-                w = -1
-                out = read_all(r).decode().split()
-            finally:
-                os.close(r)
-                if w != -1:
-                    os.close(w)
+            pid, out = shell_output(backend, 'echo "$$ ${LISTEN_PID-none}"', listen_pid=listen_pid)
             assert reap(pid) == 0
             backend.pids.remove(pid)
             assert out == [str(pid), str(pid) if listen_pid else "none"]
