@@ -14,6 +14,7 @@ import sys
 import click
 
 from . import __version__
+from .processes import parse_signal
 
 RESTART_CHOICES = ["no", "on-success", "on-failure", "on-abnormal", "on-abort", "always"]
 
@@ -38,15 +39,9 @@ def _signal_number(ctx, param, value):
     if value is None:
         return None
     try:
-        return _parse_signal(value)
+        return parse_signal(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def _parse_signal(value: str) -> int:
-    from .processes import parse_signal
-
-    return parse_signal(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +78,7 @@ def _forward_signals(values: tuple[str, ...]) -> tuple[int, ...]:
     for v in values:
         for part in v.split(","):
             try:
-                sig = _parse_signal(part)
+                sig = parse_signal(part)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--forward-signal") from None
             if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):

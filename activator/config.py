@@ -35,7 +35,7 @@ else:  # pragma: no cover - depends on the interpreter
 
 from .access import parse_networks
 from .addresses import AddressError, parse_address
-from .processes import parse_signal
+from .processes import lookup_group, lookup_user, parse_signal
 from .protocol import valid_fdname
 from .timespan import parse_timespan
 from .units import (
@@ -180,24 +180,20 @@ def _signal(value: Any) -> int:
 
 
 def _user(value: Any) -> str:
-    import pwd
-
     text = _nonempty(value if not isinstance(value, int) or isinstance(value, bool) else str(value))
     try:
-        pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
-    except (KeyError, ValueError, OverflowError):
-        raise _Invalid(f"unknown user {text!r}") from None
+        lookup_user(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
     return text
 
 
 def _group(value: Any) -> str:
-    import grp
-
     text = _nonempty(value if not isinstance(value, int) or isinstance(value, bool) else str(value))
     try:
-        grp.getgrgid(int(text)) if text.isdigit() else grp.getgrnam(text)
-    except (KeyError, ValueError, OverflowError):
-        raise _Invalid(f"unknown group {text!r}") from None
+        lookup_group(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
     return text
 
 

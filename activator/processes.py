@@ -35,6 +35,26 @@ def set_child_subreaper() -> bool:
         return False
 
 
+def lookup_user(name: str):
+    """The passwd entry of a user name or uid; ValueError "unknown user" when there is none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError, OverflowError):  # a uid out of range is just as unknown
+        raise ValueError(f"unknown user {name!r}") from None
+
+
+def lookup_group(name: str) -> int:
+    """The gid of a group name or number; ValueError "unknown group" when there is none."""
+    import grp
+
+    try:
+        return (grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)).gr_gid
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"unknown group {name!r}") from None
+
+
 def parent_map() -> dict[int, int]:
     """pid -> ppid for every process we can see."""
     result = {}

@@ -13,6 +13,7 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
+from .processes import lookup_group, lookup_user
 from .units import ListenSpec
 
 SOL_IP = getattr(socket, "SOL_IP", 0)
@@ -63,20 +64,14 @@ def _unlink_socket(path: str) -> None:
 
 
 def _lookup_ids(user: str | None, group: str | None) -> tuple[int, int]:
-    import grp
-    import pwd
-
     uid = gid = -1
-    if user:
-        try:
-            uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        except (KeyError, ValueError, OverflowError):
-            raise OSError(errno.EINVAL, f"unknown user {user!r}") from None
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except (KeyError, ValueError, OverflowError):
-            raise OSError(errno.EINVAL, f"unknown group {group!r}") from None
+    try:
+        if user:
+            uid = int(user) if user.isdigit() else lookup_user(user).pw_uid
+        if group:
+            gid = int(group) if group.isdigit() else lookup_group(group)
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
     return uid, gid
 
 

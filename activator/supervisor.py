@@ -116,30 +116,16 @@ class UnitState:
 
 def credentials(user: str | None, group: str | None, supplementary: list[str]) -> tuple[int, int, list[int] | None]:
     """uid, gid and supplementary groups for User=/Group=; ValueError naming what is unknown."""
-    import grp
-    import pwd
-
     uid = gid = -1
     groups: list[int] | None = None
     name = None
     if user:
-        try:
-            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        except (KeyError, ValueError, OverflowError):
-            raise ValueError(f"unknown user {user!r}") from None
+        pw = processes.lookup_user(user)
         uid, gid, name = pw.pw_uid, pw.pw_gid, pw.pw_name
     if group:
-        try:
-            gid = (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
-        except (KeyError, ValueError, OverflowError):
-            raise ValueError(f"unknown group {group!r}") from None
+        gid = processes.lookup_group(group)
     if user or group or supplementary:
-        extra = []
-        for g in supplementary:
-            try:
-                extra.append((grp.getgrgid(int(g)) if g.isdigit() else grp.getgrnam(g)).gr_gid)
-            except (KeyError, ValueError, OverflowError):
-                raise ValueError(f"unknown group {g!r}") from None
+        extra = [processes.lookup_group(g) for g in supplementary]
         base = os.getgrouplist(name, gid) if name else ([gid] if gid != -1 else [])
         groups = sorted(set(base + extra))
     return uid, gid, groups
