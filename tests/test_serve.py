@@ -167,6 +167,10 @@ def test_socket_and_service_keys_with_a_real_daemon(activator, tmp_path):
         work.mkdir()
         (shared / "env").write_text('FROM_FILE="quoted value"\nOVERRIDDEN=by-file\n# comment\n')
         report = shared / "report.json"
+        # The daemon runs as nobody: it needs a copy of the probe it can read wherever the checkout is.
+        probe = shared / "probe.py"
+        shutil.copy(PROBE, probe)
+        probe.chmod(0o755)
         owner = 'socket-user = "nobody"\nsocket-group = "nogroup"\n' if root else ""
         creds = 'user = "nobody"\ngroup = "nogroup"\n' if root else ""
         cfg = write_config(tmp_path / "units.toml", f"""
@@ -187,7 +191,7 @@ keep-alive = true
 receive-buffer = "256K"
 
 [probe.service]
-exec-start = ["{SYSTEM_PYTHON}", "{PROBE}", "{report}"]
+exec-start = ["{SYSTEM_PYTHON}", "{probe}", "{report}"]
 environment = {{ GREETING = "hello world", OVERRIDDEN = "by-table" }}
 environment-file = ["{shared}/env", "-{shared}/missing"]
 working-directory = "{work}"
