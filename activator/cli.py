@@ -141,7 +141,7 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
     restarted by the next connection after it exits.
     """
     from .addresses import AddressError, parse_address
-    from .protocol import ProtocolError, inherited_fds, valid_fdname
+    from .protocol import inherited_fds, valid_fdname
     from .units import ListenSpec, ServiceSpec, Unit
 
     if datagram and seqpacket:

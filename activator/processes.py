@@ -1,9 +1,10 @@
 """Process-tree helpers read from /proc, and the init duties of becoming a subreaper.
 
-KillMode=control-group is emulated without cgroups: each daemon starts in its
-own session (so its process group is its pid), and stopping it signals that
+KillMode=control-group is emulated without cgroups: each daemon starts in a
+process group of its own (its pgid is its pid), and stopping it signals that
 group plus every descendant found through /proc (which catches children that
-moved to a session of their own).
+moved to a group or session of their own). Each process gets one signal per
+stop step: a daemon that force-quits on a second SIGINT must not see two.
 """
 from __future__ import annotations
 
@@ -55,55 +56,133 @@ def lookup_group(name: str) -> int:
         raise ValueError(f"unknown group {name!r}") from None
 
 
-def parent_map() -> dict[int, int]:
-    """pid -> ppid for every process we can see."""
-    result = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields after the last ')' are safe.
-        fields = data[data.rindex(b")") + 2:].split()
-        result[int(entry)] = int(fields[1])
-    return result
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields after the last ')' are safe.
+    return data[data.rindex(b")") + 2:].split()
 
 
-def descendants(roots: set[int], parents: dict[int, int] | None = None) -> set[int]:
-    """Every process below any of ``roots`` (not the roots themselves)."""
-    parents = parent_map() if parents is None else parents
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
+class Tree:
+    """A snapshot of the process tree: pid -> (ppid, pgid), with a children index built once.
 
-
-def signal_tree(root: int, sig: int, group: bool = True, parents: dict[int, int] | None = None) -> None:
-    """Send ``sig`` to ``root``'s process group and all its descendants.
-
-    ``parents`` (from parent_map()) lets a caller signalling many trees read /proc once, not per tree.
+    Read once per stop step for every unit: with thousands of processes, one /proc walk
+    per unit (or per instance) took tens of seconds.
     """
-    targets = descendants({root}, parents)
-    if group:
-        try:
-            os.killpg(root, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for pid in targets | {root}:
+
+    def __init__(self, table: dict[int, tuple[int, int]]) -> None:
+        self.table = table
+        self.children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            self.children.setdefault(ppid, []).append(pid)
+
+    @classmethod
+    def read(cls) -> "Tree":
+        """The current tree; OSError when /proc cannot be listed (out of descriptors, no /proc)."""
+        table = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            fields = _stat_fields(entry)
+            if fields is not None and len(fields) > 2:
+                table[int(entry)] = (int(fields[1]), int(fields[2]))
+        return cls(table)
+
+    def descendants(self, roots: set[int]) -> set[int]:
+        """Every process below any of ``roots`` (not the roots themselves)."""
+        found: set[int] = set()
+        stack = list(roots)
+        while stack:
+            for child in self.children.get(stack.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+        return found
+
+    def parent(self, pid: int) -> int | None:
+        entry = self.table.get(pid)
+        return entry[0] if entry else None
+
+
+EMPTY_TREE = Tree({})
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of ``pid`` (one /proc read), None when it is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None
+
+
+def descendants(roots: set[int], tree: Tree | None = None) -> set[int]:
+    """Every process below any of ``roots`` (not the roots themselves)."""
+    return (tree or Tree.read()).descendants(roots)
+
+
+def signal_tree(root: int, sig: int, tree: Tree | None = None, pgid: int | None = None) -> None:
+    """Send ``sig`` once to every process of ``root``'s tree: killpg() for its group, kill() for the rest.
+
+    ``pgid``: the group the daemon was started in (its first pid; default ``root``). Processes
+    of the tree outside that group (moved to a group or session of their own) get a kill()
+    each; without a snapshot (``EMPTY_TREE``: /proc unreadable) only the group and ``root``.
+    """
+    tree = tree if tree is not None else Tree.read()
+    group = root if pgid is None else pgid
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    singles = {pid for pid in tree.descendants({root}) if tree.table[pid][1] != group}
+    entry = tree.table.get(root)
+    if (entry[1] if entry else root) != group:
+        singles.add(root)  # a main process (MAINPID=) that is not in the daemon's group
+    for pid in singles:
         try:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def pgid_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields is not None and len(fields) > 2 else None
+
+
+def own_children() -> set[int] | None:
+    """Our child processes, read from /proc/self/task/*/children (O(children), not O(processes));
+    None when the kernel does not offer that file (CONFIG_PROC_CHILDREN)."""
+    kids: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+        for tid in tasks:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                kids.update(int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return kids
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` holds open (empty when it is gone or unreadable)."""
+    found = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            try:
+                found.add(int(link[8:-1]))
+            except ValueError:
+                pass
+    return found
 
 
 def group_alive(pgid: int) -> bool:

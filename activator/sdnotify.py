@@ -15,19 +15,26 @@ from __future__ import annotations
 import array
 import os
 import select
-import selectors
 import shutil
 import signal
 import socket
 import struct
 import tempfile
-import time
 from dataclasses import dataclass, field
+
+from . import processes
+from .loop import TimerHandle, cancel
+from .protocol import valid_fdname
+from .ratelimit import RateLimit
 
 NOTIFY_BUFFER_MAX = 4096  # systemd's PIPE_BUF-sized datagrams; longer ones are dropped
 NOTIFY_FD_MAX = 768  # descriptors per message, as systemd
 RECEIVE_BATCH = 64  # messages handled per wake-up
 DEFAULT_STORED_NAME = "stored"
+STRANGER_BURST = 200  # messages per second from processes that are not ours before we stop looking them up
+ANCESTRY_MAX = 32  # how far up a sender's ancestry we look for the unit's main process
+STATUS_MAX = 1024  # characters of STATUS= kept and logged
+NOTIFY_TIME_MAX = 365 * 86400.0  # the longest watchdog or start-timeout extension a daemon may ask for
 _UCRED = struct.Struct("3i")
 
 
@@ -115,30 +122,56 @@ class NotifyMessage:
         self.fds = []
 
 
-class NotifySocket:
-    """A datagram socket daemons send sd_notify messages to, with the sender's credentials on each."""
+def _private_directory() -> str:
+    """A directory of ours for notify sockets: 0711, so a daemon running as another user reaches the
+    socket it is given (which is only its own user's, mode 0600) and lists nothing."""
+    directory = tempfile.mkdtemp(prefix="activator-notify-")
+    if len(os.fsencode(directory)) > 90:  # leave room in sun_path (108 bytes) for the socket's name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix="activator-notify-", dir="/tmp")
+    os.chmod(directory, 0o711)
+    return directory
 
-    def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="activator-notify-")
-        os.chmod(self.directory, 0o711)  # a daemon running as another user reaches the socket, lists nothing
-        self.path = os.path.join(self.directory, "notify")
+
+class NotifySocket:
+    """A datagram socket daemons send sd_notify messages to, with the sender's credentials on each.
+
+    ``owner`` (uid, gid): who may send to it besides root. The socket file is mode 0600 and
+    owned by that user, so no other local user can reach it at all; the credentials of each
+    message are checked against it too (abstract sockets, which have no permissions, are used
+    only when no path fits in sun_path).
+    """
+
+    def __init__(self, directory: str | None = None, name: str = "notify", owner: tuple[int, int] = (-1, -1)) -> None:
+        self.own_directory = directory is None
+        self.directory = _private_directory() if directory is None else directory
+        self.path = os.path.join(self.directory, name)
+        self.owner = owner
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             if len(os.fsencode(self.path)) < 108:
-                self.sock.bind(self.path)
-                os.chmod(self.path, 0o666)
+                old = os.umask(0o177)
+                try:
+                    self.sock.bind(self.path)
+                finally:
+                    os.umask(old)
+                if owner != (-1, -1):
+                    os.chown(self.path, owner[0], owner[1], follow_symlinks=False)
                 self.address = self.path
-            else:  # TMPDIR too long for sun_path: the abstract namespace
-                name = f"activator-notify/{os.getpid()}/{os.path.basename(self.directory)}"
-                self.sock.bind("\0" + name)
-                self.address = "@" + name
+            else:  # TMPDIR too long for sun_path: the abstract namespace (credentials are still checked)
+                abstract = f"activator-notify/{os.getpid()}/{os.path.basename(self.directory)}/{name}"
+                self.sock.bind("\0" + abstract)
+                self.address = "@" + abstract
         except BaseException:
             self.close()
             raise
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def allowed(self, uid: int) -> bool:
+        return uid == 0 or uid == os.getuid() or (self.owner[0] != -1 and uid == self.owner[0])
 
     def receive(self) -> NotifyMessage | None:
         """The next message, None when there is none. Truncated messages are dropped (their fds closed)."""
@@ -172,7 +205,24 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def bounded_usec(text: str | None) -> float | None:
+    """A µs count sent by a daemon (WATCHDOG_USEC=, EXTEND_TIMEOUT_USEC=) as seconds, within the
+    bounds of configured time spans; None when it is not a positive integer or is beyond them."""
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 20:
+        return None
+    seconds = int(text) / 1e6
+    if not 0 < seconds <= NOTIFY_TIME_MAX:
+        return None
+    return seconds
 
 
 @dataclass(eq=False)
@@ -182,9 +232,9 @@ class _Run:
     pid: int
     ready: bool = False
     status: str | None = None
-    start_timer: list | None = None
+    start_timer: TimerHandle | None = None
     start_deadline: float = 0.0
-    watchdog_timer: list | None = None
+    watchdog_timer: TimerHandle | None = None
     watchdog_usec: int = 0
     pidfd: int | None = None  # watching a MAINPID= that is not our child
 
@@ -201,16 +251,33 @@ class NotifyHub:
     """The engine's side of sd_notify: readiness, status, MAINPID, the watchdog and the fd store.
 
     Units get a NOTIFY_SOCKET when their service is ``type = "notify"``, has a watchdog
-    or has a descriptor store (Accept=no units only). Messages are accepted only from the
-    unit's main process and its descendants (sender pid from SCM_CREDENTIALS).
+    or has a descriptor store (Accept=no units only): a socket of their own, which only
+    the unit's user (and root) can send to. Messages are accepted only from the unit's
+    main process and its descendants; the sender is found in O(1) of the number of
+    processes (our own table first, then a bounded walk up the sender's ancestry), and
+    messages from senders that are not ours are rate-limited before any lookup.
+
+    It drives the unit lifecycle only through the engine's public API.
     """
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.socket: NotifySocket | None = None
+        self.directory: str | None = None
+        self.sockets: dict[str, NotifySocket] = {}  # unit name -> its socket
         self.runs: dict[int, _Run] = {}  # id(UnitState) -> _Run
         self.stores: dict[str, list[StoredFd]] = {}  # unit name -> stored descriptors, in arrival order
+        self.strangers = RateLimit(1.0, STRANGER_BURST)  # messages not from a daemon of ours, per second
+        self.dropped = 0
         self._hup: select.epoll | None = None  # stored descriptors, watched for EPOLLHUP/EPOLLERR only
+        self._counter = 0
+
+    @property
+    def log(self):
+        return self.engine.log
+
+    @property
+    def loop(self):
+        return self.engine.loop
 
     # ------------------------------------------------------------- hooks
     @staticmethod
@@ -218,14 +285,27 @@ class NotifyHub:
         svc = unit.service
         return not unit.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0)
 
+    def _socket_for(self, us) -> NotifySocket:
+        sock = self.sockets.get(us.name)
+        uid, gid, _ = us.credentials
+        if sock is not None and sock.owner == (uid, gid):
+            return sock
+        if sock is not None:  # the unit's user changed (a reload): a new socket for the new owner
+            self._close_socket(us.name)
+        if self.directory is None:
+            self.directory = _private_directory()
+        self._counter += 1
+        sock = NotifySocket(self.directory, f"n{self._counter}", (uid, gid))
+        self.sockets[us.name] = sock
+        name = us.name
+        self.loop.add_reader(sock.fileno(), lambda: self._on_readable(name, sock))
+        return sock
+
     def service_env(self, us) -> dict[str, str]:
         """NOTIFY_SOCKET (and WATCHDOG_USEC) for the daemon about to start."""
         if not self.wants(us.unit):
             return {}
-        if self.socket is None:
-            self.socket = NotifySocket()
-            self.engine.sel.register(self.socket.fileno(), selectors.EVENT_READ, self._on_readable)
-        env = {"NOTIFY_SOCKET": self.socket.address}
+        env = {"NOTIFY_SOCKET": self._socket_for(us).address}
         wd = us.unit.service.watchdog_sec
         if 0 < wd < float("inf"):
             env["WATCHDOG_USEC"] = str(int(wd * 1_000_000))
@@ -246,7 +326,7 @@ class NotifyHub:
             run.watchdog_usec = int(svc.watchdog_sec * 1_000_000)
         if svc.type == "notify":
             if 0 < svc.timeout_start < float("inf"):
-                self._set_start_timer(us, run, time.monotonic() + svc.timeout_start)
+                self._set_start_timer(us, run, self.engine.clock() + svc.timeout_start)
         elif run.watchdog_usec:
             self._arm_watchdog(us, run)  # a notify daemon's watchdog starts at READY=1
 
@@ -260,33 +340,33 @@ class NotifyHub:
         for name in list(self.stores):
             self._drop_store(name)
         if self._hup is not None:
-            self._unregister(self._hup.fileno())
+            self.loop.remove(self._hup.fileno())
             self._hup.close()
             self._hup = None
-        if self.socket is not None:
-            self._unregister(self.socket.fileno())
-            self.socket.close()
-            self.socket = None
+        for name in list(self.sockets):
+            self._close_socket(name)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
     def drop_unit(self, name: str) -> None:
-        """A unit removed by a reload: its stored descriptors are closed."""
+        """A unit removed by a reload: its stored descriptors are closed, its socket too."""
         self._drop_store(name)
+        self._close_socket(name)
 
     # ----------------------------------------------------------- internals
-    def _unregister(self, fd: int) -> None:
-        try:
-            self.engine.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+    def _close_socket(self, name: str) -> None:
+        sock = self.sockets.pop(name, None)
+        if sock is not None:
+            self.loop.remove(sock.fileno())
+            sock.close()
 
     def _cancel(self, run: _Run) -> None:
-        from .supervisor import Timers
-
-        Timers.cancel(run.start_timer)
-        Timers.cancel(run.watchdog_timer)
+        cancel(run.start_timer)
+        cancel(run.watchdog_timer)
         run.start_timer = run.watchdog_timer = None
         if run.pidfd is not None:
-            self._unregister(run.pidfd)
+            self.loop.remove(run.pidfd)
             os.close(run.pidfd)
             run.pidfd = None
 
@@ -296,20 +376,15 @@ class NotifyHub:
             self._cancel(run)
 
     def _set_start_timer(self, us, run: _Run, deadline: float) -> None:
-        from .supervisor import Timers
-
-        Timers.cancel(run.start_timer)
+        cancel(run.start_timer)
         run.start_deadline = deadline
-        run.start_timer = self.engine.timers.add(deadline, lambda: self._start_timeout(us, run))
+        run.start_timer = self.loop.call_at(deadline, lambda: self._start_timeout(us, run), us)
 
     def _arm_watchdog(self, us, run: _Run) -> None:
-        from .supervisor import Timers
-
-        Timers.cancel(run.watchdog_timer)
+        cancel(run.watchdog_timer)
         run.watchdog_timer = None
         if run.watchdog_usec > 0:
-            when = time.monotonic() + run.watchdog_usec / 1e6
-            run.watchdog_timer = self.engine.timers.add(when, lambda: self._watchdog_fired(us, run))
+            run.watchdog_timer = self.loop.call_later(run.watchdog_usec / 1e6, lambda: self._watchdog_fired(us, run), us)
 
     def _current(self, us, run: _Run) -> bool:
         return self.runs.get(id(us)) is run and us.main_pid is not None and not self.engine.stopping
@@ -319,109 +394,112 @@ class NotifyHub:
         if not self._current(us, run) or run.ready:
             return
         timeout = us.unit.service.timeout_start
-        self.engine.log.warning("start-timeout", f"no READY=1 within {timeout:g}s, stopping", unit=us.name, pid=us.main_pid)
-        self.engine._stop_unit(us, reason="timeout")
+        self.log.warning("start-timeout", f"no READY=1 within {timeout:g}s, stopping", unit=us.name, pid=us.main_pid)
+        self.engine.stop_unit(us, reason="timeout")
 
     def _watchdog_fired(self, us, run: _Run) -> None:
         run.watchdog_timer = None
         if not self._current(us, run):
             return
-        from .supervisor import Timers
-
-        self.engine.log.warning(
+        self.log.warning(
             "watchdog", f"watchdog timeout (no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s), sending SIGABRT",
             unit=us.name, pid=us.main_pid,
         )
-        us.forced = "watchdog"
-        self.engine._signal_unit(us, signal.SIGABRT)
-        timeout = us.unit.service.timeout_stop
-        Timers.cancel(us.kill_timer)
-        if timeout != float("inf"):
-            us.kill_timer = self.engine.timers.add(time.monotonic() + timeout, lambda: self.engine._kill_unit(us))
+        self.engine.stop_unit(us, reason="watchdog", sig=signal.SIGABRT)
 
-    def _owner(self, pid: int):
-        """The unit whose main process is ``pid`` or an ancestor of it; None when no daemon of ours sent it."""
-        us = self.engine.pids.get(pid)
-        if us is not None:
-            return us if pid == us.main_pid and self.wants(us.unit) else None
-        from . import processes
+    def _owner(self, name: str, pid: int):
+        """The unit ``name`` when ``pid`` is its main process or a descendant of it; else None.
 
-        candidates = {u for u in self.engine.pids.values() if u.main_pid and self.wants(u.unit)}
-        if not candidates:
+        O(1) in the number of processes: our own pid table first, then a walk up the
+        sender's ancestry, at most ANCESTRY_MAX steps of one /proc read each.
+        """
+        us = self.engine.units.get(name)
+        if us is None or us.main_pid is None or not self.wants(us.unit):
             return None
-        parents = processes.parent_map()
-        for u in candidates:
-            if pid in processes.descendants({u.main_pid}, parents):
-                return u
+        owner = self.engine.unit_of_pid(pid)
+        if owner is not None:
+            return us if owner is us and pid == us.main_pid else None
+        if not self.strangers.allow(self.engine.clock()):
+            return False  # a flood of messages from processes that are not ours: not even looked up
+        current = pid
+        for _ in range(ANCESTRY_MAX):
+            parent = processes.parent_of(current)
+            if parent is None or parent <= 1:
+                return None
+            if parent == us.main_pid:
+                return us
+            if self.engine.unit_of_pid(parent) is not None:
+                return None  # a process of ours that is not this unit's main process
+            current = parent
         return None
 
-    def _on_readable(self) -> None:
-        if self.socket is None:
-            return
+    def _on_readable(self, name: str, sock: NotifySocket) -> None:
         for _ in range(RECEIVE_BATCH):
-            message = self.socket.receive()
+            message = sock.receive()
             if message is None:
                 return
             try:
-                us = self._owner(message.pid)
-                if us is None:
-                    self.engine.log.debug("notify", f"ignored a message from pid {message.pid}: not a daemon of ours")
+                if not sock.allowed(message.uid):
+                    self.dropped += 1
                     continue
-                self._handle(us, message)
+                us = self._owner(name, message.pid)
+                if not us:
+                    self.dropped += 1
+                    if us is None:
+                        self.log.debug("notify", f"ignored a message from pid {message.pid}: not a daemon of ours",
+                                       unit=name)
+                    continue
+                self.loop.dispatch(lambda: self._handle(us, message), us)
             finally:
                 message.close_fds()
 
     def _handle(self, us, message: NotifyMessage) -> None:
-        log = self.engine.log
         run = self.runs.get(id(us))
         if run is None:
             return
-        svc = us.unit.service
         main_pid = message.get("MAINPID")
         if main_pid is not None:
             self._main_pid(us, run, main_pid)
         status = message.get("STATUS")
         if status is not None and status != run.status:
-            run.status = status
-            log.info("status", f"status: {status}", unit=us.name, pid=message.pid)
-        if message.get("EXTEND_TIMEOUT_USEC") is not None and not run.ready and run.start_timer is not None:
-            try:
-                extra = int(message.get("EXTEND_TIMEOUT_USEC")) / 1e6
-            except ValueError:
-                extra = 0.0
-            if time.monotonic() + extra > run.start_deadline:
-                self._set_start_timer(us, run, time.monotonic() + extra)
+            run.status = status[:STATUS_MAX]
+            self.log.info("status", f"status: {run.status}", unit=us.name, pid=message.pid)
+        extend = message.get("EXTEND_TIMEOUT_USEC")
+        if extend is not None and not run.ready and run.start_timer is not None:
+            extra = bounded_usec(extend)
+            if extra is None:
+                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a time span "
+                                 f"within {NOTIFY_TIME_MAX:g}s", unit=us.name)
+            elif self.engine.clock() + extra > run.start_deadline:
+                self._set_start_timer(us, run, self.engine.clock() + extra)
         if message.get("READY") == "1" and not run.ready:
             run.ready = True
-            from .supervisor import Timers
-
-            Timers.cancel(run.start_timer)
+            cancel(run.start_timer)
             run.start_timer = None
-            log.info("ready", "ready", unit=us.name, pid=us.main_pid)
+            self.log.info("ready", "ready", unit=us.name, pid=us.main_pid)
+            self.engine.unit_ready(us)
             if run.watchdog_usec:
                 self._arm_watchdog(us, run)
-        if message.get("RELOADING") == "1":
-            log.info("reloading", "reloading", unit=us.name, pid=message.pid)
-        if message.get("STOPPING") == "1":
-            log.info("stopping", "stopping", unit=us.name, pid=message.pid)
-        if message.get("ERRNO") is not None:
-            log.info("errno", f"errno: {message.get('ERRNO')}", unit=us.name, pid=message.pid)
+        for key, event in (("RELOADING", "reloading"), ("STOPPING", "stopping")):
+            if message.get(key) == "1":
+                self.log.info(event, event, unit=us.name, pid=message.pid)
+        errno_text = message.get("ERRNO")
+        if errno_text is not None:
+            self.log.info("errno", f"errno: {errno_text[:40]}", unit=us.name, pid=message.pid)
         new_usec = message.get("WATCHDOG_USEC")
         if new_usec is not None:
-            try:
-                value = int(new_usec)
-            except ValueError:
-                value = -1
-            if value > 0:
-                run.watchdog_usec = value
+            seconds = bounded_usec(new_usec)
+            if seconds is None:
+                self.log.warning("notify", f"ignored WATCHDOG_USEC={new_usec[:40]!r}: not a time span "
+                                 f"within {NOTIFY_TIME_MAX:g}s", unit=us.name)
+            else:
+                run.watchdog_usec = int(seconds * 1e6)
                 self._arm_watchdog(us, run)
         watchdog = message.get("WATCHDOG")
         if watchdog == "1" and run.watchdog_timer is not None:
             self._arm_watchdog(us, run)
         elif watchdog == "trigger":
-            from .supervisor import Timers
-
-            Timers.cancel(run.watchdog_timer)
+            cancel(run.watchdog_timer)
             self._watchdog_fired(us, run)
         if message.get("FDSTOREREMOVE") == "1":
             name = message.get("FDNAME")
@@ -431,28 +509,21 @@ class NotifyHub:
             self._store(us, message)
 
     def _main_pid(self, us, run: _Run, text: str) -> None:
-        from . import processes
-
-        log = self.engine.log
         try:
-            new = int(text)
+            new = int(text) if text.isascii() and text.isdigit() and len(text) < 12 else -1
         except ValueError:
-            log.warning("notify", f"ignored invalid MAINPID={text!r}", unit=us.name)
+            new = -1
+        if new == us.main_pid:
             return
-        old = us.main_pid
-        if new == old:
+        if new <= 0:
+            self.log.warning("notify", f"ignored invalid MAINPID={text[:40]!r}", unit=us.name)
             return
-        if new <= 0 or new not in processes.descendants({old}):
-            log.warning("notify", f"ignored MAINPID={new}: not a process of this daemon", unit=us.name)
+        if not self.engine.adopt_main_pid(us, new):
+            self.log.warning("notify", f"ignored MAINPID={new}: not a process of this daemon", unit=us.name)
             return
-        self.engine.pids.pop(old, None)
-        us.instances[old] = None  # the former main process is still ours to reap and to stop
-        self.engine.pids[old] = us
-        us.main_pid = new
-        self.engine.pids[new] = us
         run.pid = new
-        log.info("main-pid", f"main pid is now {new}", unit=us.name, pid=new)
-        if processes.parent_map().get(new) != os.getpid():
+        self.log.info("main-pid", f"main pid is now {new}", unit=us.name, pid=new)
+        if processes.parent_of(new) != os.getpid():
             self._watch_foreign(us, run, new)
 
     def _watch_foreign(self, us, run: _Run, pid: int) -> None:
@@ -462,14 +533,14 @@ class NotifyHub:
         except (OSError, AttributeError):
             return
         run.pidfd = fd
-        self.engine.sel.register(fd, selectors.EVENT_READ, lambda: self._foreign_exited(us, run, pid))
+        self.loop.add_reader(fd, lambda: self._foreign_exited(us, run, pid), us)
 
     def _foreign_exited(self, us, run: _Run, pid: int) -> None:
         if run.pidfd is not None:
-            self._unregister(run.pidfd)
+            self.loop.remove(run.pidfd)
             os.close(run.pidfd)
             run.pidfd = None
-        if us.main_pid != pid or self.engine.pids.get(pid) is not us:
+        if us.main_pid != pid or self.engine.unit_of_pid(pid) is not us:
             return
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)
@@ -477,26 +548,18 @@ class NotifyHub:
             reaped, status = pid, 0  # reaped by its own parent: its status is not ours to know
         if reaped == 0:
             return  # our child after all: SIGCHLD brings it
-        self.engine.pids.pop(pid, None)
-        self.engine._main_exited(us, pid, status)
-        if not us.pids():
-            self.engine._unit_idle(us)
-        if self.engine.stopping:
-            self.engine._check_stopped()  # it may have been the last process we waited for
+        self.engine.child_exited(pid, status)
 
     # ------------------------------------------------------------- fd store
     def _store(self, us, message: NotifyMessage) -> None:
-        log = self.engine.log
         limit = us.unit.service.file_descriptor_store_max
         if limit <= 0:
-            log.warning("fdstore", f"{len(message.fds)} descriptor(s) sent with FDSTORE=1 but "
-                        "file-descriptor-store-max is 0: closed", unit=us.name)
+            self.log.warning("fdstore", f"{len(message.fds)} descriptor(s) sent with FDSTORE=1 but "
+                             "file-descriptor-store-max is 0: closed", unit=us.name)
             return
-        from .protocol import valid_fdname
-
         name = message.get("FDNAME") or DEFAULT_STORED_NAME
         if not valid_fdname(name):
-            log.warning("fdstore", f"invalid FDNAME={name!r}: descriptors closed", unit=us.name)
+            self.log.warning("fdstore", f"invalid FDNAME={name[:80]!r}: descriptors closed", unit=us.name)
             return
         polled = message.get("FDPOLL") != "0"
         store = self.stores.setdefault(us.name, [])
@@ -511,7 +574,7 @@ class NotifyHub:
             if key in known:
                 continue  # the same descriptor again (the daemon got it back and stored it anew)
             if len(store) >= limit:
-                log.warning("fdstore", f"descriptor store full ({limit}): descriptor closed", unit=us.name)
+                self.log.warning("fdstore", f"descriptor store full ({limit}): descriptor closed", unit=us.name)
                 break
             os.set_inheritable(fd, False)
             item = StoredFd(name, fd, key, polled)
@@ -522,12 +585,12 @@ class NotifyHub:
                 self._watch_stored(fd)
         message.fds = [fd for fd in message.fds if fd not in kept]
         if kept:
-            log.info("fdstore", f"stored {len(kept)} descriptor(s) as {name!r} ({len(store)} in store)", unit=us.name)
+            self.log.info("fdstore", f"stored {len(kept)} descriptor(s) as {name!r} ({len(store)} in store)", unit=us.name)
 
     def _watch_stored(self, fd: int) -> None:
         if self._hup is None:
             self._hup = select.epoll()
-            self.engine.sel.register(self._hup.fileno(), selectors.EVENT_READ, self._on_hup)
+            self.loop.add_reader(self._hup.fileno(), self._on_hup)
         try:
             self._hup.register(fd, 0)  # no events asked: EPOLLHUP and EPOLLERR come anyway
         except OSError:
@@ -541,7 +604,7 @@ class NotifyHub:
             for item in [s for s in store if s.fd in dead]:
                 store.remove(item)
                 self._close_stored(item)
-                self.engine.log.info("fdstore", f"stored descriptor {item.name!r} hung up: removed", unit=name)
+                self.log.info("fdstore", f"stored descriptor {item.name!r} hung up: removed", unit=name)
 
     def _close_stored(self, item: StoredFd) -> None:
         if item.polled and self._hup is not None:
@@ -561,7 +624,7 @@ class NotifyHub:
             store.remove(item)
             self._close_stored(item)
         if gone:
-            self.engine.log.info("fdstore", f"removed {len(gone)} stored descriptor(s) named {name!r}", unit=unit_name)
+            self.log.info("fdstore", f"removed {len(gone)} stored descriptor(s) named {name[:80]!r}", unit=unit_name)
 
     def _drop_store(self, name: str) -> None:
         for item in self.stores.pop(name, []):

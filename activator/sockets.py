@@ -214,3 +214,19 @@ def open_all(specs: list[ListenSpec]) -> list[BoundSocket]:
             b.discard()
         raise BindError(errors)
     return bound
+
+
+def apply_live_options(bound: BoundSocket, spec: ListenSpec) -> None:
+    """Apply to a kept socket the options a reload changed that need no new socket (OSError on failure)."""
+    sock = bound.sock
+    if spec.keep_alive != bound.spec.keep_alive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(spec.keep_alive))
+    if spec.no_delay != bound.spec.no_delay and sock.family in (socket.AF_INET, socket.AF_INET6) \
+            and spec.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(spec.no_delay))
+    if spec.receive_buffer and spec.receive_buffer != bound.spec.receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec.receive_buffer)
+    if spec.send_buffer and spec.send_buffer != bound.spec.send_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, spec.send_buffer)
+    if spec.backlog != bound.spec.backlog and spec.type != socket.SOCK_DGRAM:
+        sock.listen(spec.backlog)

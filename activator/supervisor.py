@@ -1,75 +1,134 @@
 """The engine: hold the sockets, start daemons on demand, supervise, reap, stop.
 
-One thread, one epoll loop. Signals are turned into bytes on a pipe
-(``signal.set_wakeup_fd``) and handled in one place, between events, like
-gunicorn's arbiter. The loop sleeps in the kernel until a socket, a signal or
-the next timer (restart delay, stop timeout, end of a rate-limit pause) is due;
-with nothing to do there is no timer and it never wakes.
+The loop machinery (selector, timers, signal pipe) is :mod:`activator.loop`; this
+module is the unit lifecycle. Both ``activator run`` (one unit built from the
+command line) and ``activator serve`` (units from files) drive this :class:`Engine`.
 
-Both ``activator run`` (one unit built from the command line) and
-``activator serve`` (units from TOML) drive this same :class:`Engine`.
+The lifecycle's public API, for the notify hub and the control interface:
+:meth:`Engine.start_unit`, :meth:`Engine.stop_unit`, :meth:`Engine.restart_unit`,
+:meth:`Engine.adopt_main_pid`, :meth:`Engine.child_exited`, :meth:`Engine.unit_ready`,
+:meth:`Engine.fail_unit`, :meth:`Engine.unit_of_pid`, :meth:`Engine.reload`,
+:meth:`Engine.stop`; events go to every callable in :attr:`Engine.listeners`.
+
+Faults are contained: an exception while handling one unit (its socket, its timers,
+its exited process) is logged with its traceback and puts that unit into the
+``failed`` state (its processes stopped, its sockets kept but not watched) while the
+other units carry on; an exception anywhere else stops everything cleanly and exits 1.
+
+Processes are reached through a :class:`Host`, so that the state machine can be
+driven in-process with a fake one (tests/test_engine.py).
 """
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import os
-import selectors
 import signal
-import socket
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from . import processes
 from .access import AccessList
 from .addresses import format_peer
 from .log import Log
+from .loop import Loop, TimerHandle, cancel
 from .protocol import listen_environment
 from .ratelimit import RateLimit
-from .sockets import BindError, BoundSocket, open_all
+from .sdnotify import NotifyHub
+from .sockets import BindError, BoundSocket, apply_live_options, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, resolve, spawn
 from .units import Unit
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
 EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or until an instance exits)
 FINAL_GRACE = 5.0  # after SIGKILL, how long to wait for the dead to be reaped before giving up
+MAX_GLOBAL_FAULTS = 5  # faults outside any unit while stopping before we give up on a clean stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 DEFAULT_FORWARD = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 PER_CONNECTION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "REMOTE_ADDR", "REMOTE_PORT")
 STRIP_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 
 
-class Timers:
-    """A heap of one-shot callbacks; cancelled entries are skipped when they come up."""
+class Host:
+    """The operating system as the engine uses it: starting, signalling, reaping and reading processes."""
 
-    def __init__(self) -> None:
-        self._heap: list = []
-        self._seq = itertools.count()
+    def spawn(self, spec: SpawnSpec) -> int:
+        return spawn(spec)
 
-    def add(self, when: float, callback: Callable[[], None]) -> list:
-        entry = [when, next(self._seq), callback]
-        heapq.heappush(self._heap, entry)
-        return entry
+    def kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
-    @staticmethod
-    def cancel(entry: list | None) -> None:
-        if entry is not None:
-            entry[2] = None
+    def killpg(self, pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
-    def timeout(self, now: float) -> float | None:
-        while self._heap and self._heap[0][2] is None:
-            heapq.heappop(self._heap)
-        if not self._heap:
-            return None
-        return max(0.0, self._heap[0][0] - now)
+    def signal_tree(self, root: int, sig: int, tree: processes.Tree, pgid: int) -> None:
+        processes.signal_tree(root, sig, tree, pgid)
 
-    def run_due(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now:
-            _, _, callback = heapq.heappop(self._heap)
-            if callback is not None:
-                callback()
+    def tree(self) -> processes.Tree:
+        return processes.Tree.read()
+
+    def reap(self) -> list[tuple[int, int]]:
+        """Every child that has exited, without blocking."""
+        done = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            done.append((pid, status))
+        return done
+
+    def children_state(self) -> str:
+        """'none' (no child at all), 'exited' (one waits to be reaped) or 'running'."""
+        try:
+            waiting = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return "none"
+        return "running" if waiting is None else "exited"
+
+    def socket_inodes(self, pid: int) -> set[int]:
+        return processes.socket_inodes(pid)
+
+    def children(self) -> set[int]:
+        """Our own child processes (from /proc/self/task/*/children, or the whole tree without it)."""
+        kids = processes.own_children()
+        if kids is None:
+            me = os.getpid()
+            try:
+                kids = {pid for pid, (ppid, _) in self.tree().table.items() if ppid == me}
+            except OSError:
+                kids = set()  # /proc unreadable (out of descriptors): nothing to find, nothing to wait for
+        return kids
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class UnitStats:
+    """Counters since activator started (kept across reloads of the unit), for status and metrics."""
+
+    activations: int = 0  # Accept=no triggers and accepted connections
+    starts: int = 0
+    start_failures: int = 0
+    accepted: int = 0
+    refused: int = 0  # over max-connections or max-connections-per-source
+    denied: int = 0  # by ip-address rules
+    restarts: int = 0  # automatic restarts (restart=)
+    last_exit: str | None = None
+    last_exit_code: int | None = None
+    last_exit_time: float | None = None  # wall clock
+    started_time: float | None = None  # wall clock of the current main process's start
 
 
 @dataclass(eq=False)
@@ -78,6 +137,7 @@ class SocketState:
     trigger: RateLimit
     armed: bool = False
     family: int = 0  # the socket's, kept at hand for every accepted connection
+    inode: int = 0  # to recognise processes that still hold it (after the socket is closed here too)
 
 
 @dataclass(eq=False)
@@ -87,31 +147,53 @@ class UnitState:
     start_limit: RateLimit
     access: AccessList | None = None
     main_pid: int | None = None
+    main_pgid: int | None = None  # the group the main process was started in (stays on MAINPID=)
     instances: dict[int, str | None] = field(default_factory=dict)  # pid -> peer address
     per_source: dict[str, int] = field(default_factory=dict)
+    leftovers: set[int] = field(default_factory=set)  # processes the main process left behind
     executable: str | None = None
     credentials: tuple[int, int, list[int] | None] = (-1, -1, None)
     base_env: dict[str, str] = field(default_factory=dict)
     base_envp: list[bytes] | None = None  # base_env encoded at the first connection, for per-connection starts
     paused_until: float = 0.0
-    pause_timer: list | None = None
-    restart_timer: list | None = None
-    kill_timer: list | None = None
+    pause_timer: TimerHandle | None = None
+    restart_timer: TimerHandle | None = None
+    restart_pending: bool = False  # a restart= restart that waits for the end of a rate-limit pause
+    kill_timer: TimerHandle | None = None
     retired: bool = False  # removed or replaced by a reload: never start again
+    failed: str | None = None  # why the unit failed (a fault in its handling): no activation until restarted
     successor: "UnitState | None" = None  # armed once this one's processes are gone
     waiting_for: "UnitState | None" = None
     forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog')
+    stats: UnitStats = field(default_factory=UnitStats)
 
     @property
     def name(self) -> str:
         return self.unit.name
 
     def pids(self) -> list[int]:
-        return ([self.main_pid] if self.main_pid else []) + list(self.instances)
+        return ([self.main_pid] if self.main_pid else []) + list(self.instances) + list(self.leftovers)
 
     def has_processes(self) -> bool:
         """Cheap, unlike pids(): asked after every reaped child, with thousands of instances."""
-        return self.main_pid is not None or bool(self.instances)
+        return self.main_pid is not None or bool(self.instances) or bool(self.leftovers)
+
+    @property
+    def armed(self) -> bool:
+        return any(ss.armed for ss in self.sockets)
+
+    @property
+    def state(self) -> str:
+        """listening, running, paused, stopping, waiting (for an older generation), failed or idle."""
+        if self.failed:
+            return "failed"
+        if self.has_processes():
+            return "stopping" if self.forced == "stop" or self.retired else "running"
+        if self.waiting_for is not None:
+            return "waiting"
+        if self.paused_until:
+            return "paused"
+        return "listening" if self.armed else "idle"
 
 
 def credentials(user: str | None, group: str | None, supplementary: list[str]) -> tuple[int, int, list[int] | None]:
@@ -131,6 +213,22 @@ def credentials(user: str | None, group: str | None, supplementary: list[str]) -
     return uid, gid, groups
 
 
+def user_environment(user: str) -> dict[str, str]:
+    """USER, LOGNAME, HOME and SHELL from the passwd entry of User=, as systemd sets them."""
+    pw = processes.lookup_user(user)
+    return {"USER": pw.pw_name, "LOGNAME": pw.pw_name, "HOME": pw.pw_dir or "/", "SHELL": pw.pw_shell or "/bin/sh"}
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    unchanged: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
 class Engine:
     def __init__(
         self,
@@ -140,45 +238,66 @@ class Engine:
         exit_with_service: bool = False,
         forward_signals: tuple[int, ...] = DEFAULT_FORWARD,
         reloader: Callable[[], list[Unit]] | None = None,
+        host: Host | None = None,
+        loop: Loop | None = None,
     ) -> None:
         self.log = log or Log()
         self.exit_with_service = exit_with_service
         self.forward_signals = tuple(forward_signals)
         self.reloader = reloader
+        self.host = host or Host()
+        self.loop = loop or Loop()
+        self.loop.on_fault = self._on_fault
+        self.clock = self.loop.clock
         self.units: dict[str, UnitState] = {}
         self.pids: dict[int, UnitState] = {}
-        self.timers = Timers()
-        self.sel = selectors.DefaultSelector()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.stopping = False
         self.exit_code = 0
         self.done = False
-        self._final_timer: list | None = None
+        self.global_faults = 0
+        self.stats_by_name: dict[str, UnitStats] = {}
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
-        self._signal_r = self._signal_w = -1
-        from .sdnotify import NotifyHub
-
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
 
+    # ----------------------------------------------------------------- events
+    def publish(self, event: str, us: UnitState | None = None, **data: Any) -> None:
+        """Tell every listener (control interface, metrics, tests) what happened; they must not raise."""
+        if not self.listeners:
+            return
+        record = {"event": event, "unit": us.name if us is not None else None, **data}
+        for listener in list(self.listeners):
+            listener(record)
+
     # ----------------------------------------------------------------- setup
-    def _make_state(self, unit: Unit, bound: list[BoundSocket]) -> UnitState:
+    def _plan_state(self, unit: Unit, bound: list[BoundSocket]) -> UnitState:
+        """A unit's state, without touching its sockets yet; ValueError when its user or group is unknown."""
         svc = unit.service
         states = [SocketState(b, RateLimit(unit.trigger_limit_interval, unit.effective_trigger_burst)) for b in bound]
-        for s in states:
-            s.family = s.bound.sock.family
-            if unit.accept:
-                s.bound.sock.setblocking(False)
-            elif s.bound.spec.inherited_fd is None and not s.bound.sock.getblocking():
-                s.bound.sock.setblocking(True)  # kept by a reload from an accept = true unit
         us = UnitState(unit, states, RateLimit(svc.start_limit_interval, svc.start_limit_burst))
-        if unit.ip_address_allow or unit.ip_address_deny:
+        if unit.accept and (unit.ip_address_allow or unit.ip_address_deny):
             us.access = AccessList(unit.ip_address_allow, unit.ip_address_deny)
         us.credentials = credentials(svc.user, svc.group, svc.supplementary_groups)
         env = dict(self._env) if svc.inherit_environment else {}
+        if svc.user:
+            env.update(user_environment(svc.user))
         env.update(svc.environment)
         us.base_env = env
+        us.stats = self.stats_by_name.setdefault(unit.name, UnitStats())
         return us
+
+    @staticmethod
+    def _claim_sockets(us: UnitState) -> None:
+        """Set each socket up for how this unit uses it (done at commit: a reload may share them)."""
+        for s in us.sockets:
+            s.family = s.bound.sock.family
+            s.inode = os.fstat(s.bound.fileno()).st_ino
+            if us.unit.accept:
+                s.bound.sock.setblocking(False)
+            elif s.bound.spec.inherited_fd is None and not s.bound.sock.getblocking():
+                s.bound.sock.setblocking(True)  # kept by a reload from an accept = true unit
 
     def validate(self) -> list[str]:
         """Problems that would stop units from starting, found before binding anything."""
@@ -193,10 +312,9 @@ class Engine:
 
     def open(self) -> None:
         """Bind every socket of every unit, or none (BindError lists every problem)."""
-        if self._signal_r == -1:
-            # Before binding: a SIGTERM that comes once we listen must stop us cleanly (removing
-            # the socket files), not kill us with the default action.
-            self._setup_signals()
+        # Before binding: a SIGTERM that comes once we listen must stop us cleanly (removing
+        # the socket files), not kill us with the default action.
+        self._setup_signals()
         errors = self.validate()
         if errors:
             raise BindError(errors)
@@ -206,42 +324,36 @@ class Engine:
         with self.log.hold():
             for unit in self._pending:
                 mine = [next(it) for _ in unit.sockets]
-                self.units[unit.name] = self._make_state(unit, mine)
+                us = self._plan_state(unit, mine)
+                self._claim_sockets(us)
+                self.units[unit.name] = us
                 for fd, b in enumerate(mine, start=3):
                     if b.spec.address is not None:
                         self.log.info("listen", f"listening on {b.spec.label} as fd {fd}", unit=unit.name)
         self._pending = []
 
     def _setup_signals(self) -> None:
-        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
         handled = {signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS, *self.forward_signals}
-        for sig in handled:
-            signal.signal(sig, _noop)
-        # Unbuffered bytes, so that a burst of signals can never block the handler.
-        self.sel.register(self._signal_r, selectors.EVENT_READ, self._on_signal_pipe)
+        self.loop.handle_signals(handled, self.handle_signals)
 
     # ------------------------------------------------------------- the loop
     def run(self) -> int:
-        if self._pending:
-            self.open()
-        processes.set_child_subreaper()
-        if self._signal_r == -1:
+        """Serve until stopped; returns the exit code. Never leaves a daemon or a file of ours behind."""
+        try:
+            if self._pending:
+                self.open()
+            processes.set_child_subreaper()
             self._setup_signals()
-        for us in list(self.units.values()):
-            self._activate(us)
-        self.log.debug("ready", f"{len(self.units)} unit(s) ready")
-        self._notify_ready()
-        while not self.done:
-            timeout = self.timers.timeout(time.monotonic())
-            try:
-                events = self.sel.select(timeout)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-            for key, _ in events:
-                key.data()
-            self.timers.run_due(time.monotonic())
-        self._close_all()
+            for us in list(self.units.values()):
+                self.loop.dispatch(lambda us=us: self._activate(us), us)
+            self.log.debug("ready", f"{len(self.units)} unit(s) ready")
+            self._notify_ready()
+            while not self.done:
+                self.loop.run_once()
+        except BaseException as exc:  # noqa: BLE001 - the last line of defence: stop what we started
+            self._emergency_stop(exc)
+        finally:
+            self._close_all()
         return self.exit_code
 
     def _notify_ready(self) -> None:
@@ -259,14 +371,73 @@ class Engine:
         else:
             self._arm(us)
 
-    # --------------------------------------------------------------- signals
-    def _on_signal_pipe(self) -> None:
-        try:
-            data = os.read(self._signal_r, 512)
-        except BlockingIOError:
+    # ---------------------------------------------------------------- faults
+    def _on_fault(self, owner: object, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        if isinstance(owner, UnitState) and not self.stopping:
+            self.log.error("unit-fault", f"internal error, unit failed: {exc!r}\n{trace}", unit=owner.name)
+            self.fail_unit(owner, f"internal error: {exc!r}")
             return
-        for sig in dict.fromkeys(data):  # each kind once, in arrival order
-            self.handle_signal(sig)
+        self.global_faults += 1
+        self.log.error("engine-fault", f"internal error, stopping everything: {exc!r}\n{trace}")
+        if self.global_faults > MAX_GLOBAL_FAULTS:
+            raise exc  # run() ends with the emergency stop
+        if not self.stopping:
+            self.stop(1)
+        else:
+            self.exit_code = 1
+
+    def _emergency_stop(self, exc: BaseException) -> None:
+        """The loop itself failed: stop every daemon without it (bounded), then the files go in _close_all."""
+        self.exit_code = 1
+        try:
+            self.log.error("engine-fault", f"fatal: {exc!r}; stopping every daemon")
+        except Exception:  # noqa: BLE001 - even logging may be what failed
+            pass
+        try:
+            tree = self._tree()
+            for sig, grace in ((None, 5.0), (signal.SIGKILL, FINAL_GRACE)):
+                for us in self.units.values():
+                    self._signal_unit(us, sig or us.unit.service.kill_signal, tree)
+                deadline = time.monotonic() + grace
+                while self.pids and time.monotonic() < deadline:
+                    for pid, _ in self.host.reap():
+                        self._forget_pid(pid)
+                    if self.pids:
+                        time.sleep(0.01)  # no loop any more: a short bounded poll is all that is left
+                if not self.pids:
+                    break
+        except BaseException:  # noqa: BLE001 - nothing more can be done; the files are still removed
+            pass
+
+    def fail_unit(self, us: UnitState, reason: str) -> None:
+        """Put ``us`` in the failed state: processes stopped, sockets held but not watched, no restarts."""
+        us.failed = reason
+        self._disarm(us)
+        cancel(us.restart_timer)
+        cancel(us.pause_timer)
+        us.restart_pending = False
+        try:
+            self.stop_unit(us, "stop")
+        except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
+            self.log.error("unit-fault", f"cannot stop the failed unit's processes: {exc!r}", unit=us.name)
+        self.publish("failed", us, reason=reason)
+
+    # --------------------------------------------------------------- signals
+    def handle_signals(self, received: list[int]) -> None:
+        """Every signal received since the last wake-up, in order, one entry each (they are not merged)."""
+        reap = reload = False
+        for sig in received:
+            if sig == signal.SIGCHLD:
+                reap = True
+            elif sig == signal.SIGHUP and self.reloader is not None:
+                reload = True  # several in a row are one reload
+            else:
+                self.handle_signal(sig)
+        if reap:
+            self._reap()
+        if reload and not self.stopping:  # a stop wins over a reload
+            self.reload()
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGCHLD:
@@ -280,64 +451,71 @@ class Engine:
                 self.log.info("stop", f"{name} received, stopping")
                 self.stop(0)
         elif sig == signal.SIGHUP and self.reloader is not None:
-            self.reload()
+            if not self.stopping:
+                self.reload()
         else:
             self._forward(sig)
 
     def _forward(self, sig: int) -> None:
         for us in self.units.values():
             for pid in us.pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+                self.host.kill(pid, sig)
         self.log.debug("forward", f"forwarded {signal.Signals(sig).name}")
 
     # ------------------------------------------------------------ arming
     def _arm(self, us: UnitState) -> None:
-        if self.stopping or us.retired or us.waiting_for is not None:
+        if self.stopping or us.retired or us.failed or us.waiting_for is not None:
             return
-        if us.main_pid is not None or time.monotonic() < us.paused_until:
+        if us.main_pid is not None or us.leftovers or self.clock() < us.paused_until:
             return
         for ss in us.sockets:
             if not ss.armed:
-                callback = (lambda s=ss: self._on_accept(us, s)) if us.unit.accept else (lambda s=ss: self._on_ready(us, s))
-                self.sel.register(ss.bound.sock, selectors.EVENT_READ, callback)
+                if us.unit.accept:
+                    self.loop.add_reader(ss.bound.sock, lambda s=ss: self._on_accept(us, s), us)
+                else:
+                    self.loop.add_reader(ss.bound.sock, lambda s=ss: self._on_ready(us, s), us)
                 ss.armed = True
 
     def _disarm(self, us: UnitState) -> None:
         for ss in us.sockets:
             if ss.armed:
-                self.sel.unregister(ss.bound.sock)
+                self.loop.remove(ss.bound.sock)
                 ss.armed = False
 
     def _pause(self, us: UnitState, until: float) -> None:
         """Stop listening for this unit until ``until``; connections wait in the backlog."""
         self._disarm(us)
         us.paused_until = until
-        Timers.cancel(us.pause_timer)
-        us.pause_timer = self.timers.add(until, lambda: self._unpause(us))
+        cancel(us.pause_timer)
+        us.pause_timer = self.loop.call_at(until, lambda: self._unpause(us), us)
 
     def _unpause(self, us: UnitState) -> None:
         us.pause_timer = None
         us.paused_until = 0.0
+        if self.stopping or us.retired or us.failed:
+            return
         self.log.debug("resume", "resuming", unit=us.name)
-        self._arm(us)
+        if us.restart_pending and us.main_pid is None:
+            self._restart(us)  # restart= (or --now) is owed a start, not just a listening socket
+        else:
+            self._arm(us)
 
     def _limit_hit(self, us: UnitState, event: str, what: str, limit: RateLimit) -> None:
         """One log line, then no activation until the limit's interval ends; connections wait in the backlog."""
-        left = limit.reset_time() - time.monotonic()
+        left = limit.reset_time() - self.clock()
         self.log.warning(event, f"{what} ({limit.describe()}), pausing activation for {left:.1f}s; sockets stay open",
                          unit=us.name)
         self._pause(us, limit.reset_time())
+        self.publish("paused", us, until=limit.reset_time(), reason=event)
 
     # ------------------------------------------------------ Accept=no path
     def _on_ready(self, us: UnitState, ss: SocketState) -> None:
         if not ss.armed or us.main_pid is not None:
             return  # a stale event from the same batch
-        if not ss.trigger.allow(time.monotonic()):
+        if not ss.trigger.allow(self.clock()):
             self._limit_hit(us, "trigger-limit", f"trigger limit hit on {ss.bound.spec.label}", ss.trigger)
             return
+        us.stats.activations += 1
         self.log.debug("trigger", f"incoming traffic on {ss.bound.spec.label}", unit=us.name)
         self._start(us)
 
@@ -367,18 +545,18 @@ class Engine:
             umask=svc.umask,
         )
         try:
-            return spawn(spec)
+            return self.host.spawn(spec)
         except SpawnError:
             us.executable = None  # look it up again next time: it may be installed by then
             raise
 
     def _start(self, us: UnitState) -> bool:
-        if self.stopping or us.retired:
+        if self.stopping or us.retired or us.failed or us.main_pid is not None or us.leftovers:
             return False
-        now = time.monotonic()
-        if not us.start_limit.allow(now):
+        if not us.start_limit.allow(self.clock()):
             self._limit_hit(us, "start-limit", "start limit hit", us.start_limit)
             return False
+        us.restart_pending = False
         names = us.unit.fd_names()
         fds = [s.bound.fileno() for s in us.sockets]
         stored = self.notify.stored_fds(us)  # the descriptor store comes after the sockets, named
@@ -390,18 +568,22 @@ class Engine:
         try:
             pid = self._spawn(us, fds, env, None)
         except SpawnError as exc:
+            us.stats.start_failures += 1
             self.log.error("start-failed", f"cannot start: {exc}", unit=us.name)
             if self.exit_with_service:
                 self.stop(127)  # the daemon could not even start: exit as a shell would (command not run)
                 return False
             self._arm(us)
             return False
-        us.main_pid = pid
+        us.main_pid = us.main_pgid = pid
         us.forced = None
+        us.stats.starts += 1
+        us.stats.started_time = time.time()
         self.pids[pid] = us
         self.notify.started(us, pid)
         self._disarm(us)
         self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid)
+        self.publish("started", us, pid=pid)
         return True
 
     # ----------------------------------------------------- Accept=yes path
@@ -410,11 +592,11 @@ class Engine:
         for _ in range(ACCEPT_BATCH):
             if not ss.armed:
                 return
-            if ss.trigger.enabled and not ss.trigger.allow(time.monotonic()):
+            if ss.trigger.enabled and not ss.trigger.allow(self.clock()):
                 self._limit_hit(us, "trigger-limit", f"trigger limit hit on {ss.bound.spec.label}", ss.trigger)
                 return
             try:
-                fd, peer = sock._accept()
+                fd, peer = sock._accept()  # type: ignore[attr-defined]  # the raw fd: no socket object per connection
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -423,7 +605,7 @@ class Engine:
                         "accept-failed", f"cannot accept on {ss.bound.spec.label}: {exc.strerror}; "
                         f"pausing accept for {EMFILE_PAUSE:g}s or until a connection ends", unit=us.name,
                     )
-                    self._pause(us, time.monotonic() + EMFILE_PAUSE)
+                    self._pause(us, self.clock() + EMFILE_PAUSE)
                     return
                 continue  # ECONNABORTED, EPROTO, ...: that connection is gone, carry on
             try:
@@ -433,31 +615,33 @@ class Engine:
 
     def _connection(self, us: UnitState, ss: SocketState, fd: int, peer) -> None:
         unit = us.unit
-        family = ss.family
-        addr, port = format_peer(family, peer)
+        addr, port = format_peer(ss.family, peer)
         who = f"{addr}:{port}" if addr else "a local peer"
+        us.stats.activations += 1
         if us.access is not None and addr is not None and not us.access.allowed(addr):
+            us.stats.denied += 1
             self.log.warning("denied", f"connection from {who} denied by ip-address rules", unit=us.name)
             return
+        per_source = unit.max_connections_per_source
         if len(us.instances) >= unit.max_connections or (
-            unit.max_connections_per_source and addr is not None
-            and us.per_source.get(addr, 0) >= unit.max_connections_per_source
+            per_source and addr is not None and us.per_source.get(addr, 0) >= per_source
         ):
             # Instances that have exited but whose SIGCHLD is not handled yet (a busy accept batch) do not count.
             self._reap()
         if len(us.instances) >= unit.max_connections:
+            us.stats.refused += 1
             self.log.warning(
                 "too-many", f"too many connections ({len(us.instances)}), closing connection from {who}", unit=us.name
             )
             return
-        if unit.max_connections_per_source and addr is not None and us.per_source.get(addr, 0) >= unit.max_connections_per_source:
+        if per_source and addr is not None and us.per_source.get(addr, 0) >= per_source:
+            us.stats.refused += 1
             self.log.warning(
                 "too-many-per-source",
                 f"too many connections from {addr} ({us.per_source[addr]}), closing connection", unit=us.name,
             )
             return
-        svc = unit.service
-        inetd = svc.standard_input == "socket"
+        inetd = unit.service.standard_input == "socket"
         # This runs for every connection: the environment is extended in its encoded form.
         if us.base_envp is None:
             us.base_envp = encode_environment({k: v for k, v in us.base_env.items() if k not in PER_CONNECTION_ENV})
@@ -472,8 +656,10 @@ class Engine:
         try:
             pid = self._spawn(us, fds, env, fd)
         except SpawnError as exc:
+            us.stats.start_failures += 1
             self.log.error("start-failed", f"cannot start instance: {exc}", unit=us.name)
             return
+        us.stats.accepted += 1
         us.instances[pid] = addr
         if addr is not None:
             us.per_source[addr] = us.per_source.get(addr, 0) + 1
@@ -483,23 +669,41 @@ class Engine:
 
     # --------------------------------------------------------------- reaping
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            us = self.pids.pop(pid, None)
+        for pid, status in self.host.reap():
+            us = self.pids.get(pid)
             if us is None:
                 self.log.debug("reap", f"reaped orphan pid {pid}")
                 continue
-            if pid == us.main_pid:
-                self._main_exited(us, pid, status)
-            else:
-                self._instance_exited(us, pid, status)
-            if not us.has_processes():
-                self._unit_idle(us)
+            self.loop.dispatch(lambda: self.child_exited(pid, status), us)
+        if self.stopping:
+            self._check_stopped()
+
+    def unit_of_pid(self, pid: int) -> UnitState | None:
+        """The unit a process we track belongs to (main, instance or left-over process)."""
+        return self.pids.get(pid)
+
+    def _forget_pid(self, pid: int) -> UnitState | None:
+        us = self.pids.pop(pid, None)
+        if us is not None:
+            if us.main_pid == pid:
+                us.main_pid = None
+            us.instances.pop(pid, None)
+            us.leftovers.discard(pid)
+        return us
+
+    def child_exited(self, pid: int, status: int) -> None:
+        """A process of ours ended (reaped, or seen through a pidfd when it was not our child)."""
+        us = self.pids.pop(pid, None)
+        if us is None:
+            return
+        if pid == us.main_pid:
+            self._main_exited(us, pid, status)
+        elif pid in us.leftovers:
+            us.leftovers.discard(pid)
+        else:
+            self._instance_exited(us, pid, status)
+        if not us.has_processes():
+            self._unit_idle(us)
         if self.stopping:
             self._check_stopped()
 
@@ -518,13 +722,13 @@ class Engine:
     def _main_exited(self, us: UnitState, pid: int, status: int) -> None:
         how, code = processes.describe_status(status)
         us.main_pid = None
+        us.stats.last_exit, us.stats.last_exit_code, us.stats.last_exit_time = how, code, time.time()
+        us.stats.started_time = None
         self.notify.exited(us)
         self.log.info("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
-        if us.unit.service.kill_mode in ("control-group", "mixed") and processes.group_alive(pid):
-            # The main process is gone: what it left behind in its group goes too, as systemd does.
-            sig = signal.SIGKILL if us.unit.service.kill_mode == "mixed" else us.unit.service.kill_signal
-            processes.signal_tree(pid, sig)
-        if self.stopping or us.retired:
+        self.publish("exited", us, pid=pid, status=code)
+        self._collect_leftovers(us)
+        if self.stopping or us.retired or us.failed:
             return
         if self.exit_with_service:
             self.stop(code)
@@ -533,73 +737,184 @@ class Engine:
         if processes.should_restart(us.unit.service.restart, status, forced):
             delay = us.unit.service.restart_sec
             self.log.info("restart", f"restarting in {delay:g}s (restart={us.unit.service.restart})", unit=us.name)
-            Timers.cancel(us.restart_timer)
-            us.restart_timer = self.timers.add(time.monotonic() + delay, lambda: self._restart(us))
+            cancel(us.restart_timer)
+            us.restart_pending = True
+            us.restart_timer = self.loop.call_later(delay, lambda: self._restart(us), us)
         else:
             self._arm(us)
 
+    def _collect_leftovers(self, us: UnitState) -> None:
+        """What the main process left behind is the unit's until it is gone, as in a systemd cgroup.
+
+        Without cgroups they are found among our own children (the main process is gone, so
+        its descendants were reparented to us, the subreaper) by their process group or by the
+        unit's listening sockets they still hold. With kill-mode control-group or mixed they get
+        the kill signal (SIGKILL for mixed) and SIGKILL after timeout-stop-sec; the unit is
+        re-armed or restarted only once they are gone. kill-mode process and none leave them.
+        """
+        mode = us.unit.service.kill_mode
+        if mode not in ("control-group", "mixed"):
+            return
+        inodes = {ss.inode for ss in us.sockets}
+        found = set()
+        for pid in self.host.children() - self.pids.keys():
+            if processes.pgid_of(pid) == us.main_pgid or inodes & self.host.socket_inodes(pid):
+                found.add(pid)
+        group_alive = bool(us.main_pgid) and self._group_alive(us.main_pgid)
+        if not found and not group_alive:
+            return
+        for pid in found:
+            us.leftovers.add(pid)
+            self.pids[pid] = us
+        sig = signal.SIGKILL if mode == "mixed" else us.unit.service.kill_signal
+        if group_alive:
+            self.host.killpg(us.main_pgid, sig)
+        if found:
+            tree = self._tree()
+            for pid in found:
+                self.host.signal_tree(pid, sig, tree, pid)
+            self.log.info("leftovers", f"{len(found)} process(es) left behind by the main process: "
+                                       f"sent {signal.Signals(sig).name}", unit=us.name)
+            self._kill_after_timeout(us)
+
+    def _group_alive(self, pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
     def _restart(self, us: UnitState) -> None:
         us.restart_timer = None
-        if us.main_pid is None and not self.stopping and not us.retired:
-            if not self._start(us):
+        if us.main_pid is None and not self.stopping and not us.retired and not us.failed:
+            if us.leftovers:
+                return  # _unit_idle restarts it once they are gone
+            us.stats.restarts += 1
+            if not self._start(us) and not us.paused_until:
+                us.restart_pending = False
                 self._arm(us)
 
     def _unit_idle(self, us: UnitState) -> None:
         """The unit has no process left."""
-        Timers.cancel(us.kill_timer)
+        cancel(us.kill_timer)
         us.kill_timer = None
         if us.successor is not None:
             succ, us.successor = us.successor, None
             succ.waiting_for = None
-            self._activate(succ)
-        if not us.retired and us.unit.accept and us.paused_until and not self.stopping:
+            self.loop.dispatch(lambda: self._activate(succ), succ)
+        if us.retired or us.failed or self.stopping:
+            return
+        if us.restart_pending and us.restart_timer is None and not us.paused_until:
+            self._restart(us)  # it waited for left-over processes
+        elif us.unit.accept and us.paused_until:
             # Out-of-descriptor pauses end when a connection ends.
-            Timers.cancel(us.pause_timer)
+            cancel(us.pause_timer)
             self._unpause(us)
+        elif not us.unit.accept and not us.restart_pending:
+            self._arm(us)
 
     # ---------------------------------------------------------------- stopping
-    def _signal_unit(self, us: UnitState, sig: int, parents: dict[int, int] | None = None) -> None:
-        """``parents``: a parent_map() the caller read once for many units (thousands of processes)."""
-        mode = us.unit.service.kill_mode
-        whole_tree = mode == "control-group" or (mode == "mixed" and sig == signal.SIGKILL)
-        if whole_tree and parents is None and us.has_processes():
-            parents = processes.parent_map()  # one /proc read for all instances of the unit
-        for pid in us.pids():
-            if mode == "none":
-                continue
-            if not whole_tree:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            else:
-                processes.signal_tree(pid, sig, parents=parents)
-            if sig not in (signal.SIGKILL, signal.SIGCONT):
-                try:
-                    os.kill(pid, signal.SIGCONT)  # a stopped daemon must see the signal now
-                except ProcessLookupError:
-                    pass
+    def _tree(self) -> processes.Tree:
+        """The process tree, or an empty one when /proc cannot be read (out of descriptors):
+        a stop then still reaches every daemon through its process group and its pid."""
+        try:
+            return self.host.tree()
+        except OSError as exc:
+            self.log.warning("proc", f"cannot read /proc ({exc.strerror or exc}): signalling by process group only")
+            return processes.EMPTY_TREE
 
-    def _stop_unit(self, us: UnitState, reason: str = "stop", parents: dict[int, int] | None = None) -> None:
-        """Ask the unit's processes to end; SIGKILL what remains after timeout-stop-sec."""
+    def _signal_unit(self, us: UnitState, sig: int, tree: processes.Tree | None = None) -> None:
+        """One ``sig`` to each process of the unit that kill-mode says to reach."""
+        mode = us.unit.service.kill_mode
+        if mode == "none" or not us.has_processes():
+            return
+        whole_tree = mode == "control-group" or (mode == "mixed" and sig == signal.SIGKILL)
+        if whole_tree and tree is None:
+            tree = self._tree()  # one /proc read for all instances of the unit
+        for pid in us.pids():
+            if whole_tree:
+                pgid = us.main_pgid if pid == us.main_pid and us.main_pgid else pid
+                self.host.signal_tree(pid, sig, tree or processes.EMPTY_TREE, pgid)
+            else:
+                self.host.kill(pid, sig)
+            if sig not in (signal.SIGKILL, signal.SIGCONT):
+                self.host.kill(pid, signal.SIGCONT)  # a stopped daemon must see the signal now
+
+    def stop_unit(self, us: UnitState, reason: str = "stop", sig: int | None = None,
+                  tree: processes.Tree | None = None) -> None:
+        """Ask the unit's processes to end (its kill signal, or ``sig``); SIGKILL what remains after
+        timeout-stop-sec. ``reason`` is why ('stop', 'timeout', 'watchdog'): restart= reads it."""
         if not us.has_processes():
             return
         us.forced = reason
-        self._signal_unit(us, us.unit.service.kill_signal, parents)
+        self._signal_unit(us, sig if sig is not None else us.unit.service.kill_signal, tree)
+        self._kill_after_timeout(us)
+        self.publish("stopping", us, reason=reason)
+
+    def _kill_after_timeout(self, us: UnitState) -> None:
         timeout = us.unit.service.timeout_stop
-        Timers.cancel(us.kill_timer)
+        cancel(us.kill_timer)
+        us.kill_timer = None
         if timeout != float("inf"):
-            us.kill_timer = self.timers.add(time.monotonic() + timeout, lambda: self._kill_unit(us))
+            us.kill_timer = self.loop.call_later(timeout, lambda: self._kill_unit(us), us)
 
     def _kill_unit(self, us: UnitState) -> None:
         us.kill_timer = None
         if us.has_processes():
             self.log.warning("kill", f"still running after {us.unit.service.timeout_stop:g}s, sending SIGKILL", unit=us.name)
-            parents = processes.parent_map()
-            self._signal_unit(us, signal.SIGKILL, parents)
-            if us.unit.service.kill_mode == "process":
-                for pid in us.pids():
-                    processes.signal_tree(pid, signal.SIGKILL, parents=parents)
+            tree = self._tree()
+            # A stop must end everything: after the timeout even kill-mode process reaches the whole tree.
+            for pid in us.pids():
+                pgid = us.main_pgid if pid == us.main_pid and us.main_pgid else pid
+                self.host.signal_tree(pid, signal.SIGKILL, tree, pgid)
+
+    def start_unit(self, us: UnitState) -> bool:
+        """Start the daemon now (Accept=no), as a connection would; a failed unit is revived. False when
+        it cannot start now (running, stopping, rate-limited, accept mode: the log says why)."""
+        if us.unit.accept or self.stopping or us.retired:
+            return False
+        if us.failed:
+            us.failed = None
+        if us.has_processes():
+            return False
+        return self._start(us)
+
+    def restart_unit(self, us: UnitState) -> None:
+        """Stop the unit's processes; once they are gone start it again (Accept=no) or re-arm it."""
+        if us.failed:
+            us.failed = None
+        if us.has_processes():
+            us.restart_pending = not us.unit.accept
+            self.stop_unit(us, "stop")
+        elif not us.unit.accept:
+            self._start(us)
+        else:
+            self._arm(us)
+
+    def arm_unit(self, us: UnitState) -> None:
+        """Listen again for this unit (after a failure or a manual disarm)."""
+        us.failed = None
+        self._arm(us)
+
+    def disarm_unit(self, us: UnitState) -> None:
+        self._disarm(us)
+
+    def adopt_main_pid(self, us: UnitState, pid: int) -> bool:
+        """MAINPID=: ``pid`` (a descendant of the current main process) becomes the unit's main process;
+        the former one is still ours to reap and to stop."""
+        old = us.main_pid
+        if old is None or pid == old or pid <= 0:
+            return False
+        if pid not in self._tree().descendants({old}):
+            return False
+        us.instances[old] = None
+        us.main_pid = pid
+        self.pids[pid] = us
+        return True
+
+    def unit_ready(self, us: UnitState) -> None:
+        """READY=1 from the unit's daemon."""
+        self.publish("ready", us, pid=us.main_pid)
 
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
@@ -609,38 +924,30 @@ class Engine:
         self.exit_code = exit_code
         for us in self.units.values():
             self._disarm(us)
-            Timers.cancel(us.restart_timer)
-            Timers.cancel(us.pause_timer)
-        parents = processes.parent_map()  # read once for every unit: there may be thousands of processes
+            cancel(us.restart_timer)
+            cancel(us.pause_timer)
+        tree = self._tree()  # read once for every unit: there may be thousands of processes
         for us in self.units.values():
-            self._stop_unit(us, parents=parents)
+            self.loop.dispatch(lambda us=us: self.stop_unit(us, tree=tree))
         # Orphans that no unit claims (double-forked away, reparented to us) are ended too.
-        for pid in self._untracked_children(parents):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        me = self.host.pid
+        for pid, (ppid, _) in tree.table.items():
+            if ppid == me and pid not in self.pids:
+                self.host.kill(pid, signal.SIGTERM)
         longest = max([us.unit.service.timeout_stop for us in self.units.values()] + [0.0])
         if longest != float("inf"):
-            self._final_timer = self.timers.add(time.monotonic() + longest, lambda: self._kill_everything(signal.SIGKILL))
+            self.loop.call_later(longest, lambda: self._kill_everything(signal.SIGKILL))
         self._check_stopped()
 
-    def _untracked_children(self, parents: dict[int, int]) -> list[int]:
-        me = os.getpid()
-        return [pid for pid, ppid in parents.items() if ppid == me and pid not in self.pids]
-
     def _kill_everything(self, sig: int) -> None:
-        parents = processes.parent_map()
+        tree = self._tree()
         for us in self.units.values():
-            self._signal_unit(us, sig, parents)
-        for pid in processes.descendants({os.getpid()}, parents):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            self._signal_unit(us, sig, tree)
+        for pid in tree.descendants({self.host.pid}):
+            self.host.kill(pid, sig)
         if sig == signal.SIGKILL:
             # Bounded: a process stuck in the kernel must not keep us alive for ever.
-            self.timers.add(time.monotonic() + FINAL_GRACE, self._give_up)
+            self.loop.call_later(FINAL_GRACE, self._give_up)
 
     def _give_up(self) -> None:
         left = sorted(self.pids)
@@ -650,119 +957,146 @@ class Engine:
     def _check_stopped(self) -> None:
         if self.pids:
             return
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        state = self.host.children_state()
+        if state == "none":
             self.done = True
-            return
-        if pid:
-            self._reap()  # reaps and re-checks
+        elif state == "exited":
+            self._reap()  # an exited orphan is waiting: reap it, and _reap checks again
 
     def _close_unit(self, us: UnitState, keep: set[int]) -> None:
         self._disarm(us)
         for ss in us.sockets:
             if id(ss.bound) in keep:
                 continue
-            remove = ss.bound.spec.remove_on_stop
-            ss.bound.close(remove_file=remove)
+            ss.bound.close(remove_file=ss.bound.spec.remove_on_stop)
 
     def _close_all(self) -> None:
-        for us in self.units.values():
-            self._close_unit(us, keep=set())
-        self.notify.close()
-        for sig in (signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS, *self.forward_signals):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+        for step in (lambda: [self._close_unit(us, keep=set()) for us in self.units.values()],
+                     self.notify.close, self.loop.restore_signals):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
+                self.log.error("engine-fault", f"while closing: {exc!r}")
         self.log.info("stopped", f"stopped, exit status {self.exit_code}")
 
     # ---------------------------------------------------------------- reload
-    def reload(self) -> None:
-        """Apply a new set of units: unchanged ones keep running with the very same sockets."""
+    def reload(self) -> ReloadResult:
+        """Load the configuration again and apply it, all or nothing."""
+        if self.stopping or self.reloader is None:
+            return ReloadResult(False, errors=["activator is stopping"] if self.stopping else ["nothing to reload"])
         try:
             new_units = self.reloader()
         except Exception as exc:  # noqa: BLE001 - the loader reports user errors; keep running
-            for line in getattr(exc, "messages", None) or [str(exc)]:
+            lines = getattr(exc, "messages", None) or [str(exc)]
+            for line in lines:
                 self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
-            return
-        self.apply(new_units)
+            return ReloadResult(False, errors=list(lines))
+        return self.apply(new_units)
 
-    def apply(self, new_units: list[Unit]) -> None:
+    def apply(self, new_units: list[Unit]) -> ReloadResult:
+        """Apply a new set of units, all or nothing: unchanged ones keep running with the very same
+        sockets; a changed unit keeps every socket whose address and kind are the same (option
+        changes are applied to it) and gets new ones bound for the rest. When anything fails
+        (a bind, an unknown user), nothing changes and every error is reported."""
+        result = ReloadResult(True)
+        if self.stopping:
+            return ReloadResult(False, errors=["activator is stopping"])
         old = self.units
         new_by_name = {u.name: u for u in new_units}
-        kept = removed = added = changed = 0
-        result: dict[str, UnitState] = {}
-        for name, us in old.items():
-            if name not in new_by_name:
-                self._retire(us)
-                self.notify.drop_unit(name)
-                removed += 1
+        keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed}
+        # Sockets of units that change or go are a pool the new units take theirs from.
+        pool = {ss.bound.spec.identity(): ss.bound for name, us in old.items() if name not in keep_as_is
+                for ss in us.sockets}
+        plans: list[tuple[Unit, UnitState, list[BoundSocket]]] = []
+        fresh: list[BoundSocket] = []
+        errors: list[str] = []
         for unit in new_units:
-            prev = old.get(unit.name)
-            if prev is not None and prev.unit == unit:
-                result[unit.name] = prev
-                kept += 1
+            if unit.name in keep_as_is:
                 continue
-            reuse: dict[tuple, BoundSocket] = {}
-            if prev is not None:
-                reuse = {ss.bound.spec.identity(): ss.bound for ss in prev.sockets}
             bound: list[BoundSocket] = []
-            errors = []
-            fresh = []
+            ok = True
             for spec in unit.sockets:
-                b = reuse.pop(spec.identity(), None)
-                if b is not None:
-                    b.spec = spec
-                    bound.append(b)
-                    continue
-                try:
-                    nb = open_all([spec])[0]
-                except BindError as exc:
-                    errors.extend(exc.messages)
-                    continue
-                fresh.append(nb)
-                bound.append(nb)
-            if errors:
-                for nb in fresh:
-                    nb.close(remove_file=True)
-                for line in errors:
-                    self.log.error("reload", line, unit=unit.name)
-                if prev is not None:
-                    result[unit.name] = prev
+                b = pool.pop(spec.identity(), None)
+                if b is None:
+                    try:
+                        b = open_all([spec])[0]
+                    except BindError as exc:
+                        errors.extend(f"{unit.name}: {m}" for m in exc.messages)
+                        ok = False
+                        continue
+                    fresh.append(b)
+                bound.append(b)
+            if not ok:
                 continue
             try:
-                state = self._make_state(unit, bound)
+                state = self._plan_state(unit, bound)
             except ValueError as exc:
-                self.log.error("reload", str(exc), unit=unit.name)
-                for nb in fresh:
-                    nb.close(remove_file=True)
-                if prev is not None:
-                    result[unit.name] = prev
+                errors.append(f"{unit.name}: {exc}")
                 continue
+            plans.append((unit, state, bound))
+        if errors:
+            for b in fresh:
+                b.discard()
+            for line in errors:
+                self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
+            return ReloadResult(False, errors=errors)
+        # Commit: nothing below can fail for a reason the user could fix.
+        taken = {id(b) for _, _, bound in plans for b in bound}
+        units: dict[str, UnitState] = {}
+        for name, us in old.items():
+            if name in keep_as_is:
+                units[name] = us
+                result.unchanged.append(name)
+            elif name not in new_by_name:
+                self._retire(us, taken)
+                self.notify.drop_unit(name)
+                result.removed.append(name)
+        fresh_ids = {id(b) for b in fresh}
+        for unit, state, bound in plans:
+            prev = old.get(unit.name)
+            for b, spec in zip(bound, unit.sockets):
+                if id(b) not in fresh_ids:
+                    self._apply_live(state, b, spec)
+            self._claim_sockets(state)
             if prev is not None:
-                changed += 1
-                kept_ids = {id(b) for b in bound}
-                self._retire(prev, keep=kept_ids)
-                if prev.pids():
-                    prev.successor, state.waiting_for = state, prev
+                result.changed.append(unit.name)
+                self._retire(prev, taken)
+                # Never two generations at once: wait for the oldest one still running.
+                blocker = prev.waiting_for or (prev if prev.has_processes() else None)
+                if blocker is not None:
+                    blocker.successor, state.waiting_for = state, blocker
             else:
-                added += 1
-            for nb in fresh:
-                self.log.info("listen", f"listening on {nb.spec.label}", unit=unit.name)
-            result[unit.name] = state
+                result.added.append(unit.name)
+            for b in bound:
+                if id(b) in fresh_ids:
+                    self.log.info("listen", f"listening on {b.spec.label}", unit=unit.name)
+            units[unit.name] = state
+        self.units = {u.name: units[u.name] for u in new_units}
+        for _, state, _ in plans:
             if state.waiting_for is None:
-                self._activate(state)
-        self.units = result
-        self.log.info("reload", f"reloaded: {kept} unchanged, {changed} changed, {added} added, {removed} removed")
+                self.loop.dispatch(lambda s=state: self._activate(s), state)
+        self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
+                                f"{len(result.added)} added, {len(result.removed)} removed")
+        self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
+        return result
 
-    def _retire(self, us: UnitState, keep: set[int] | None = None) -> None:
+    def _apply_live(self, state: UnitState, b: BoundSocket, spec) -> None:
+        """Options of a kept socket that changed (backlog, buffers, mode, ...) take effect now."""
+        if b.spec == spec:
+            return
+        try:
+            apply_live_options(b, spec)
+        except OSError as exc:
+            self.log.warning("reload", f"cannot apply the new options of {spec.label}: {exc.strerror or exc}",
+                             unit=state.name)
+        b.spec = spec
+
+    def _retire(self, us: UnitState, keep: set[int]) -> None:
         us.retired = True
         self._disarm(us)
-        Timers.cancel(us.restart_timer)
-        Timers.cancel(us.pause_timer)
+        cancel(us.restart_timer)
+        cancel(us.pause_timer)
+        us.restart_pending = False
         # Sockets not carried over close now; a daemon still running keeps its own copies until it exits.
-        self._stop_unit(us)
-        self._close_unit(us, keep=keep or set())
-
-
-def _noop(signum, frame) -> None:  # the wakeup fd carries the signal to the loop
-    pass
+        self.stop_unit(us)
+        self._close_unit(us, keep=keep)

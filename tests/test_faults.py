@@ -57,7 +57,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Descriptors held by ``pid``, leaving out the /proc files it reads for an instant (process trees)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/proc/"):
+                count += 1
+        except OSError:
+            pass  # closed while we looked: it was transient
+    return count
 
 
 class Daemon:

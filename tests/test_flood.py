@@ -24,7 +24,15 @@ LEAK_THREADS = 4
 
 # ------------------------------------------------------------------ /proc helpers
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Descriptors held by ``pid``, leaving out the /proc files it reads for an instant (process trees)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/proc/"):
+                count += 1
+        except OSError:
+            pass  # closed while we looked: it was transient
+    return count
 
 
 def rss_kib(pid: int) -> int:
