@@ -181,6 +181,10 @@ class Loop:
         for key, _ in self.sel.select(wait):
             callback, owner = key.data
             self.dispatch(callback, owner)
+        self.run_timers()
+
+    def run_timers(self) -> None:
+        """Run the timers that are due now."""
         for handle in self.timers.pop_due(self.clock()):
             callback = handle.callback
             if callback is not None:  # an earlier timer of this batch may have cancelled it

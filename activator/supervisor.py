@@ -98,6 +98,16 @@ class Host:
     def socket_inodes(self, pid: int) -> set[int]:
         return processes.socket_inodes(pid)
 
+    def pgid(self, pid: int) -> int | None:
+        return processes.pgid_of(pid)
+
+    def group_alive(self, pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
     def children(self) -> set[int]:
         """Our own child processes (from /proc/self/task/*/children, or the whole tree without it)."""
         kids = processes.own_children()
@@ -758,9 +768,9 @@ class Engine:
         inodes = {ss.inode for ss in us.sockets}
         found = set()
         for pid in self.host.children() - self.pids.keys():
-            if processes.pgid_of(pid) == us.main_pgid or inodes & self.host.socket_inodes(pid):
+            if self.host.pgid(pid) == us.main_pgid or inodes & self.host.socket_inodes(pid):
                 found.add(pid)
-        group_alive = bool(us.main_pgid) and self._group_alive(us.main_pgid)
+        group_alive = bool(us.main_pgid) and self.host.group_alive(us.main_pgid or 0)
         if not found and not group_alive:
             return
         for pid in found:
@@ -776,13 +786,6 @@ class Engine:
             self.log.info("leftovers", f"{len(found)} process(es) left behind by the main process: "
                                        f"sent {signal.Signals(sig).name}", unit=us.name)
             self._kill_after_timeout(us)
-
-    def _group_alive(self, pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
 
     def _restart(self, us: UnitState) -> None:
         us.restart_timer = None
