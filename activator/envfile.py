@@ -137,7 +137,7 @@ def _check_name(name: str, text: str, start: int) -> None:
 
 def _value(text: str, pos: int, start: int) -> tuple[str, int]:
     """The value that begins at ``pos`` (just after ``=``) and the position after it."""
-    parts = []
+    parts: list[str] = []
     while True:
         pos = _end(_BLANKS, text, pos)
         if pos >= len(text) or text[pos] in "\n\r":
@@ -158,7 +158,7 @@ def _value(text: str, pos: int, start: int) -> tuple[str, int]:
 
 
 def _double_quoted(text: str, pos: int, start: int) -> tuple[str, int]:
-    parts = []
+    parts: list[str] = []
     while True:
         m = _DOUBLE_TOKEN.match(text, pos)
         if m is None or m.group() == "\\":  # the end of the text inside the quotes
@@ -176,7 +176,7 @@ def _double_quoted(text: str, pos: int, start: int) -> tuple[str, int]:
 
 
 def _unquoted(text: str, pos: int) -> tuple[str, int]:
-    parts = []
+    parts: list[str] = []
     escaped_last = False
     while pos < len(text) and text[pos] not in "\n\r":
         end = _end(_UNQUOTED_TOKEN, text, pos)

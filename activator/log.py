@@ -76,7 +76,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 BUFFER_BYTES = 256 * 1024
@@ -116,7 +116,7 @@ class _Flood:
 
 
 class Log:
-    def __init__(self, verbose: bool = False, fmt: str = "text", stream=None, prog: str = "activator", *,
+    def __init__(self, verbose: bool = False, fmt: str = "text", stream: Any = None, prog: str = "activator", *,
                  buffer_bytes: int = BUFFER_BYTES, collapse_window: float = COLLAPSE_WINDOW,
                  schedule: Schedule | None = None):
         """``stream``: where to log, anything with ``fileno()`` (default ``sys.stderr``, fd 2);
@@ -165,16 +165,16 @@ class Log:
             return
         self._add(self._format(level, event, message, unit, pid))
 
-    def debug(self, event: str, message: str, **kw) -> None:
+    def debug(self, event: str, message: str, **kw: Any) -> None:
         self.emit("debug", event, message, **kw)
 
-    def info(self, event: str, message: str, **kw) -> None:
+    def info(self, event: str, message: str, **kw: Any) -> None:
         self.emit("info", event, message, **kw)
 
-    def warning(self, event: str, message: str, **kw) -> None:
+    def warning(self, event: str, message: str, **kw: Any) -> None:
         self.emit("warning", event, message, **kw)
 
-    def error(self, event: str, message: str, **kw) -> None:
+    def error(self, event: str, message: str, **kw: Any) -> None:
         self.emit("error", event, message, **kw)
 
     def _format(self, level: str, event: str, message: str, unit: str | None, pid: int | None,
@@ -357,7 +357,7 @@ class Log:
 
 
 # ---------------------------------------------------------------- outputs
-def _fileno(stream) -> int | None:
+def _fileno(stream: Any) -> int | None:
     try:
         return stream.fileno()
     except (AttributeError, OSError, ValueError):  # None, closed, or not backed by a descriptor

@@ -298,7 +298,9 @@ def test_accepted_table_matches_systemd(text, expected):
 @functools.lru_cache(maxsize=None)
 def systemd_continues_comments() -> bool:
     out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, check=True).stdout
-    return int(re.match(r"systemd (\d+)", out).group(1)) < 254
+    version = re.match(r"systemd (\d+)", out)
+    assert version, out
+    return int(version.group(1)) < 254
 
 
 NAMES = st.sampled_from(["KA", "KB", "K_C"])

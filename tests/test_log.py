@@ -104,6 +104,12 @@ def numbers(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"line (\d{6})", text)]
 
 
+def dropped_count(text: str) -> int:
+    """N of the one 'N log lines dropped' line in text."""
+    [count] = re.findall(r"(\d+) log lines dropped", text)
+    return int(count)
+
+
 def test_stalled_pipe_never_blocks_and_counts_what_it_drops(pipe):
     r, w = pipe
     log = Log(stream=Fd(w), buffer_bytes=64 * 1024)
@@ -140,7 +146,7 @@ def test_lines_after_a_gap_come_after_the_dropped_line(pipe):
     before, after = numbers("\n".join(lines[:marker[0]])), numbers("\n".join(lines[marker[0]:]))
     assert before == list(range(len(before)))
     assert after == list(range(2_000, 2_010)), "the newest lines, in order, after the gap"
-    count = int(re.search(r"(\d+) log lines dropped", lines[marker[0]]).group(1))
+    count = dropped_count(lines[marker[0]])
     assert len(before) + count + len(after) == 2_010
 
 
@@ -169,7 +175,7 @@ def test_stalled_socket_never_blocks():
         bounded(lambda: emit_many(log, 20_000))
         assert a.getblocking(), "the shared socket must stay blocking"
         b.setblocking(False)
-        received = []
+        received: list[bytes] = []
         deadline = time.monotonic() + 10
         while log.wants_write() or not received:
             assert time.monotonic() < deadline
@@ -183,7 +189,7 @@ def test_stalled_socket_never_blocks():
         text = b"".join(received).decode()
         got = numbers(text)
         assert got == list(range(len(got)))
-        count = int(re.search(r"(\d+) log lines dropped", text).group(1))
+        count = dropped_count(text)
         assert count + len(got) == 20_000
 
 
