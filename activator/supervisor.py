@@ -358,13 +358,28 @@ class Engine:
                 self.loop.dispatch(lambda us=us: self._activate(us), us)
             self.log.debug("ready", f"{len(self.units)} unit(s) ready")
             self._notify_ready()
+            self.log.schedule = self.loop.call_at  # collapsed floods are summed up when their window ends
             while not self.done:
                 self.loop.run_once()
+                self._watch_log()
         except BaseException as exc:  # noqa: BLE001 - the last line of defence: stop what we started
             self._emergency_stop(exc)
         finally:
             self._close_all()
+            self.log.close()
         return self.exit_code
+
+    def _watch_log(self) -> None:
+        """Log lines that stderr could not take yet go out when it is writable again (never blocking)."""
+        fd = self.log.fileno_to_watch()
+        if fd is None:
+            return
+        wanted = self.log.wants_write()
+        if wanted != self.loop.watching(fd):
+            if wanted:
+                self.loop.add_writer(fd, self.log.flush_some)
+            else:
+                self.loop.remove(fd)
 
     def _notify_ready(self) -> None:
         if os.environ.get("NOTIFY_SOCKET"):
@@ -630,7 +645,8 @@ class Engine:
         us.stats.activations += 1
         if us.access is not None and addr is not None and not us.access.allowed(addr):
             us.stats.denied += 1
-            self.log.warning("denied", f"connection from {who} denied by ip-address rules", unit=us.name)
+            self.log.warning("denied", f"connection from {who} denied by ip-address rules", unit=us.name,
+                             collapse_key=addr, collapse_what="connections denied")
             return
         per_source = unit.max_connections_per_source
         if len(us.instances) >= unit.max_connections or (
@@ -641,7 +657,8 @@ class Engine:
         if len(us.instances) >= unit.max_connections:
             us.stats.refused += 1
             self.log.warning(
-                "too-many", f"too many connections ({len(us.instances)}), closing connection from {who}", unit=us.name
+                "too-many", f"too many connections ({len(us.instances)}), closing connection from {who}", unit=us.name,
+                collapse_key=addr or "local", collapse_what="connections refused (too many)",
             )
             return
         if per_source and addr is not None and us.per_source.get(addr, 0) >= per_source:
@@ -649,6 +666,7 @@ class Engine:
             self.log.warning(
                 "too-many-per-source",
                 f"too many connections from {addr} ({us.per_source[addr]}), closing connection", unit=us.name,
+                collapse_key=addr, collapse_what="connections refused (too many from one source)",
             )
             return
         inetd = unit.service.standard_input == "socket"
