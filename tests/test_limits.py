@@ -4,7 +4,7 @@ import socket
 import sys
 import time
 
-from conftest import PROBE, connect, free_port, read_probe
+from conftest import PROBE, connect, free_port, read_probe, wait_for
 
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
@@ -136,20 +136,33 @@ def test_crash_loop_cpu_stays_low(activator, tmp_path):
     assert a.stop() == 0
 
 
+def wait_quiet(pid: int) -> None:
+    """Until ``pid`` has gone 0.1 s without waking up (start-up or a connection is over)."""
+    last = [voluntary_switches(pid), time.monotonic()]
+
+    def quiet():
+        now = voluntary_switches(pid)
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+        return time.monotonic() - last[1] >= 0.1
+
+    wait_for(quiet, timeout=10, interval=0.02, what="activator to go quiet")
+
+
 def test_idle_means_idle(activator, tmp_path):
     """Holding sockets with nothing happening: no wake-ups at all, before and while a daemon runs."""
     port = free_port()
     a = activator("run", "-l", f"127.0.0.1:{port}", "-l", tmp_path / "s.sock", "--",
                   PY, PROBE, tmp_path / "r.json")
     a.wait_listening(2)
-    time.sleep(0.3)  # let start-up finish
+    wait_quiet(a.pid)
     before = voluntary_switches(a.pid)
     time.sleep(2.0)
     assert voluntary_switches(a.pid) - before == 0
     with connect(("127.0.0.1", port)) as c:
         hello(c)
     read_probe(tmp_path / "r.json")
-    time.sleep(0.3)
+    wait_quiet(a.pid)
     before = voluntary_switches(a.pid)
     time.sleep(1.5)  # the daemon runs: activator does not poll the sockets
     assert voluntary_switches(a.pid) - before == 0
@@ -162,7 +175,8 @@ def test_idle_datagram_and_accept_mode(activator, tmp_path):
                   "--", "true")
     a.wait_listening(2)
     b.wait_listening(2)
-    time.sleep(0.3)
+    wait_quiet(a.pid)
+    wait_quiet(b.pid)
     before = voluntary_switches(a.pid), voluntary_switches(b.pid)
     time.sleep(1.5)
     assert (voluntary_switches(a.pid), voluntary_switches(b.pid)) == before

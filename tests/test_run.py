@@ -520,12 +520,20 @@ def test_signal_stops_daemon_and_cleans_up(activator, tmp_path, sig):
     assert f"{signal.Signals(sig).name} received" in a.log and "stopped" in a.log
 
 
+def _ignores(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
 def test_daemon_ignoring_sigterm_is_killed_after_timeout_stop(activator, tmp_path):
     path = tmp_path / "s.sock"
     report = tmp_path / "r.json"
     a = activator("run", "--now", "--timeout-stop", "500ms", "-l", path, "--", *probe(report, "ignore-term"))
     info = read_probe(report)
-    time.sleep(0.2)  # let it install its SIG_IGN (the report is written just before)
+    wait_for(lambda: _ignores(info["pid"], signal.SIGTERM), what="the daemon to ignore SIGTERM")
     t0 = time.monotonic()
     a.signal(signal.SIGTERM)
     assert a.wait() == 0
