@@ -167,7 +167,7 @@ def own_children() -> set[int] | None:
 
 def socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets ``pid`` holds open (empty when it is gone or unreadable)."""
-    found = set()
+    found: set[int] = set()
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:

@@ -25,6 +25,7 @@ import os
 import signal
 import time
 import traceback
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -355,7 +356,7 @@ class Engine:
             processes.set_child_subreaper()
             self._setup_signals()
             for us in list(self.units.values()):
-                self.loop.dispatch(lambda us=us: self._activate(us), us)
+                self.loop.dispatch(partial(self._activate, us), us)
             self.log.debug("ready", f"{len(self.units)} unit(s) ready")
             self._notify_ready()
             self.log.schedule = self.loop.call_at  # collapsed floods are summed up when their window ends
@@ -496,9 +497,9 @@ class Engine:
         for ss in us.sockets:
             if not ss.armed:
                 if us.unit.accept:
-                    self.loop.add_reader(ss.bound.sock, lambda s=ss: self._on_accept(us, s), us)
+                    self.loop.add_reader(ss.bound.sock, partial(self._on_accept, us, ss), us)
                 else:
-                    self.loop.add_reader(ss.bound.sock, lambda s=ss: self._on_ready(us, s), us)
+                    self.loop.add_reader(ss.bound.sock, partial(self._on_ready, us, ss), us)
                 ss.armed = True
 
     def _disarm(self, us: UnitState) -> None:
@@ -795,7 +796,7 @@ class Engine:
             us.leftovers.add(pid)
             self.pids[pid] = us
         sig = signal.SIGKILL if mode == "mixed" else us.unit.service.kill_signal
-        if group_alive:
+        if group_alive and us.main_pgid:
             self.host.killpg(us.main_pgid, sig)
         if found:
             tree = self._tree()
@@ -949,7 +950,7 @@ class Engine:
             cancel(us.pause_timer)
         tree = self._tree()  # read once for every unit: there may be thousands of processes
         for us in self.units.values():
-            self.loop.dispatch(lambda us=us: self.stop_unit(us, tree=tree))
+            self.loop.dispatch(partial(self.stop_unit, us, tree=tree))
         # Orphans that no unit claims (double-forked away, reparented to us) are ended too.
         me = self.host.pid
         for pid, (ppid, _) in tree.table.items():
@@ -992,8 +993,8 @@ class Engine:
             ss.bound.close(remove_file=ss.bound.spec.remove_on_stop)
 
     def _close_all(self) -> None:
-        for step in (lambda: [self._close_unit(us, keep=set()) for us in self.units.values()],
-                     self.notify.close, self.loop.restore_signals):
+        steps: list[Callable[[], None]] = [partial(self._close_unit, us, set()) for us in self.units.values()]
+        for step in [*steps, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
@@ -1095,7 +1096,7 @@ class Engine:
         self.units = {u.name: units[u.name] for u in new_units}
         for _, state, _ in plans:
             if state.waiting_for is None:
-                self.loop.dispatch(lambda s=state: self._activate(s), state)
+                self.loop.dispatch(partial(self._activate, state), state)
         self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
                                 f"{len(result.added)} added, {len(result.removed)} removed")
         self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
