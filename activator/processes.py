@@ -101,6 +101,8 @@ def signal_tree(root: int, sig: int, group: bool = True, parents: dict[int, int]
             pass
     for pid in targets | {root}:
         try:
+            if group and os.getpgid(pid) == root:
+                continue  # killpg() reached it: a second SIGTERM can land after its handler ran, and kill it
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
