@@ -47,7 +47,11 @@ def _digit(c: int) -> int:
 
 
 def strto(s: bytes, base: int) -> tuple[int, int]:
-    """glibc strtol()/strtoul() without the range check: (signed value, end index); end 0 when nothing parsed."""
+    """glibc strtol()/strtoul() without the range check: (signed value, end index); end 0 when nothing parsed.
+
+    A magnitude beyond ULONG_MAX comes as ULONG_MAX + 1: out of every range the callers
+    check, and a long run of digits costs linear time, not quadratic.
+    """
     i, n = 0, len(s)
     while i < n and s[i] in _C_SPACE:
         i += 1
@@ -67,7 +71,7 @@ def strto(s: bytes, base: int) -> tuple[int, int]:
         i += 2
     start, value = i, 0
     while i < n and _digit(s[i]) < base:
-        value = value * base + _digit(s[i])
+        value = min(value * base + _digit(s[i]), ULONG_MAX + 1)
         i += 1
     if i == start:
         return 0, 0

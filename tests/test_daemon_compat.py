@@ -105,6 +105,7 @@ ADDRESSES = [
     "nosuchinterface0", "averyveryverylonginterfacename", "", ":", ":80", "1.2.3", "1.2.3.4.5", "01.2.3.4",
     "256.1.1.1", "é", "é:80", "127.0.0.1\t",
 ]
+LONG_PORTS = ["127.0.0.1:" + "9" * 100_000, "[::1]:0x" + "f" * 100_000]  # ERANGE, in linear time
 
 
 def sockaddr_cases() -> list[dict]:
@@ -117,6 +118,7 @@ def sockaddr_cases() -> list[dict]:
         cases += [call("is_socket_sockaddr", fd, {"fmt": "127.0.0.1:{tcp4}"}, t, 0, lst)
                   for t in TYPES for lst in (-1, 0, 1)]
         cases += [call("is_socket_sockaddr", fd, {"fmt": "[::1]:{udp6}"}, type=t) for t in TYPES]
+    cases += [call("is_socket_sockaddr", {"fd": "tcp4-listen"}, a) for a in LONG_PORTS]
     for bad in ({"bytes": "127.0.0.1"}, "127.0.0.1\0", None, 5, "\udcff"):
         cases += [call("is_socket_sockaddr", {"fd": "tcp4-listen"}, bad), call("is_socket_sockaddr", -1, bad)]
     return cases
