@@ -118,8 +118,9 @@ class Fixtures:
         self.sock("packet", socket.AF_PACKET, socket.SOCK_RAW, proto=0)  # protocol 0: receives nothing
         self.sock("vsock", socket.AF_VSOCK, stream)
         self.sock("alg", socket.AF_ALG, seq)  # getsockname() fails with EOPNOTSUPP
-        self.sock("raw4", socket.AF_INET, socket.SOCK_RAW, proto=socket.IPPROTO_ICMP)  # its "port" is the protocol
-        self.sock("raw6", socket.AF_INET6, socket.SOCK_RAW, proto=socket.IPPROTO_ICMPV6)
+        # IPPROTO_RAW: send-only, so they receive nothing; their "port" is the protocol number
+        self.sock("raw4", socket.AF_INET, socket.SOCK_RAW, proto=socket.IPPROTO_RAW)
+        self.sock("raw6", socket.AF_INET6, socket.SOCK_RAW, proto=socket.IPPROTO_RAW)
 
     # ---------------------------------------------------------- the others
     def make_files(self):
