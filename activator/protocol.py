@@ -4,12 +4,12 @@ Launcher side: :func:`inherited_fds` reads what our own parent passed us, and
 :func:`listen_environment` builds what we pass on (LISTEN_PID is set by the
 spawner, because only the child knows its pid before exec).
 
-Daemon side: :func:`listen_fds` and :func:`listen_fds_with_names` mirror
-``sd_listen_fds()`` and ``sd_listen_fds_with_names()`` of libsystemd exactly
-(number parsing included: leading blanks, a sign, ``0x``/``0o``/``0b`` and
-C octal prefixes), so a Python daemon needs no libsystemd. Where libsystemd
-returns ``-EINVAL``/``-ERANGE``/``-EBADF`` these raise ``OSError`` with that
-errno, as python-systemd does.
+Daemon side: :func:`listen_sockets` and :func:`listen_sockets_with_names` read
+the variables exactly as ``sd_listen_fds()`` and ``sd_listen_fds_with_names()`` of
+libsystemd do (number parsing included: leading blanks, a sign, ``0x``/``0o``/``0b``
+and C octal prefixes) and return socket objects. Where libsystemd returns
+``-EINVAL``/``-ERANGE``/``-EBADF`` these raise ``OSError`` with that errno.
+:mod:`activator.daemon` gives the same as python-systemd's descriptor numbers.
 """
 from __future__ import annotations
 
@@ -46,8 +46,12 @@ def _digit(c: int) -> int:
     return 99
 
 
-def _strto(s: bytes, base: int) -> tuple[int, int]:
-    """glibc strtol()/strtoul() without the range check: (signed value, end index); end 0 when nothing parsed."""
+def strto(s: bytes, base: int) -> tuple[int, int]:
+    """glibc strtol()/strtoul() without the range check: (signed value, end index); end 0 when nothing parsed.
+
+    A magnitude beyond ULONG_MAX comes as ULONG_MAX + 1: out of every range the callers
+    check, and a long run of digits costs linear time, not quadratic.
+    """
     i, n = 0, len(s)
     while i < n and s[i] in _C_SPACE:
         i += 1
@@ -67,7 +71,7 @@ def _strto(s: bytes, base: int) -> tuple[int, int]:
         i += 2
     start, value = i, 0
     while i < n and _digit(s[i]) < base:
-        value = value * base + _digit(s[i])
+        value = min(value * base + _digit(s[i]), ULONG_MAX + 1)
         i += 1
     if i == start:
         return 0, 0
@@ -86,7 +90,7 @@ def _mangle_base(s: bytes) -> tuple[bytes, int]:
 def _safe_atoi(text: str, what: str) -> int:
     """systemd's safe_atoi()."""
     s, base = _mangle_base(os.fsencode(text).lstrip(_SD_WHITESPACE))
-    value, end = _strto(s, base)
+    value, end = strto(s, base)
     if end and not -LONG_MAX - 1 <= value <= LONG_MAX:
         raise ProtocolError(f"{what}={text!r} is out of range", errno.ERANGE)
     if end == 0 or end != len(s):
@@ -99,7 +103,7 @@ def _safe_atoi(text: str, what: str) -> int:
 def _parse_pid(text: str) -> int:
     """systemd's parse_pid() (safe_atolu(), then a positive pid_t)."""
     s, base = _mangle_base(os.fsencode(text).lstrip(_SD_WHITESPACE))
-    value, end = _strto(s, base)
+    value, end = strto(s, base)
     if end and abs(value) > ULONG_MAX:
         raise ProtocolError(f"LISTEN_PID={text!r} is out of range", errno.ERANGE)
     if end == 0 or end != len(s):
@@ -196,7 +200,7 @@ def inherited_fds(
             _unset(environ)
 
 
-def _wrap(fd: int):
+def _wrap(fd: int) -> socket.socket | int:
     try:
         return socket.socket(fileno=fd)  # family, type and protocol are read from the descriptor
     except OSError as exc:
@@ -205,7 +209,7 @@ def _wrap(fd: int):
         raise
 
 
-def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, socket.socket]]:
+def listen_sockets_with_names(unset_environment: bool = True) -> list[tuple[str, socket.socket | int]]:
     """(name, socket) for every descriptor passed to this process, like sd_listen_fds_with_names(3).
 
     Sockets come as ``socket.socket`` (family and type detected); a descriptor that is
@@ -214,7 +218,7 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[str, soc
     return [(name, _wrap(fd)) for fd, name in inherited_fds(os.environ, unset_environment)]
 
 
-def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
+def listen_sockets(unset_environment: bool = True) -> list[socket.socket | int]:
     """The sockets passed to this process (fd 3 onwards), like sd_listen_fds(3) (LISTEN_FDNAMES is not read)."""
     return [_wrap(fd) for fd, _ in inherited_fds(os.environ, unset_environment, with_names=False)]
 

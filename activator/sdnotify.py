@@ -1,8 +1,9 @@
 """The sd_notify(3) protocol, both sides.
 
-Daemon side: :func:`notify` sends ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``,
-``FDSTORE=1`` (with descriptors) … to ``$NOTIFY_SOCKET`` like libsystemd's
-``sd_pid_notify_with_fds()``; :func:`watchdog_usec` is ``sd_watchdog_enabled()``.
+Daemon side: sending is :func:`activator.daemon.notify` (python-systemd's
+``notify()``, libsystemd's ``sd_pid_notify_with_fds()``); :func:`notify` here takes one
+assignment per argument, for activator's own ``READY=1``; :func:`watchdog_usec` is
+``sd_watchdog_enabled()``.
 
 Launcher side: :class:`NotifySocket` is the engine's one ``AF_UNIX``/``SOCK_DGRAM``
 socket (``SO_PASSCRED``, in a private directory), and :class:`NotifyHub` holds
@@ -39,41 +40,11 @@ _UCRED = struct.Struct("3i")
 
 
 # ---------------------------------------------------------------- daemon side
-def _notify_address(value: str) -> str | bytes:
-    if value.startswith("@"):
-        return b"\0" + os.fsencode(value[1:])
-    if value.startswith("/"):
-        return value
-    raise OSError(22, f"NOTIFY_SOCKET={value!r} is neither an absolute path nor an abstract address (@name)")
+def notify(*assignments: str, fds: list[int] | tuple[int, ...] = (), unset_environment: bool = False) -> bool:
+    """:func:`activator.daemon.notify` with one assignment per argument (activator's own READY=1)."""
+    from . import daemon
 
-
-def notify(*assignments: str, fds=None, unset_environment: bool = False) -> bool:
-    """Send ``assignments`` (``"READY=1"``, ``"STATUS=…"``, …) to ``$NOTIFY_SOCKET``, like sd_notify(3).
-
-    Returns False (and does nothing) without NOTIFY_SOCKET, True once sent. ``fds``
-    (descriptors or objects with ``fileno()``) travel with the message (SCM_RIGHTS), as
-    ``sd_pid_notify_with_fds()`` does for ``FDSTORE=1``. Raises OSError when the variable
-    is malformed or the message cannot be sent (no one listening). ``unset_environment``
-    removes NOTIFY_SOCKET afterwards, whatever happened.
-    """
-    try:
-        value = os.environ.get("NOTIFY_SOCKET")
-        if not value:
-            return False
-        state = "\n".join(assignments)
-        if not state:
-            raise OSError(22, "nothing to send")
-        address = _notify_address(value)
-        numbers = [f if isinstance(f, int) else f.fileno() for f in (fds or ())]
-        ancillary = []
-        if numbers:
-            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", numbers).tobytes()))
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendmsg([state.encode("utf-8", "surrogateescape")], ancillary, socket.MSG_NOSIGNAL, address)
-        return True
-    finally:
-        if unset_environment:
-            os.environ.pop("NOTIFY_SOCKET", None)
+    return daemon.notify("\n".join(assignments), unset_environment, fds=fds)
 
 
 def watchdog_usec(unset_environment: bool = False) -> int:

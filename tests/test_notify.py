@@ -71,14 +71,14 @@ def test_notify_sends_every_assignment_to_a_path_socket(tmp_path, monkeypatch):
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         assert act.notify("READY=1") is True
         assert receive(r)[:2] == ("READY=1", os.getpid())
-        assert act.notify("STATUS=serving 3 clients", f"MAINPID={os.getpid()}")
+        assert act.notify(f"STATUS=serving 3 clients\nMAINPID={os.getpid()}")
         assert receive(r)[0] == f"STATUS=serving 3 clients\nMAINPID={os.getpid()}"
         for line in ("STOPPING=1", "WATCHDOG=1", "RELOADING=1"):
             act.notify(line)
             assert receive(r)[0] == line
         a, b = socket.socketpair()
         with a, b:
-            assert act.notify("FDSTORE=1", "FDNAME=conn", fds=[a])
+            assert act.notify("FDSTORE=1\nFDNAME=conn", fds=[a.fileno()])
             text, pid, fds = receive(r)
             assert text == "FDSTORE=1\nFDNAME=conn" and pid == os.getpid() and len(fds) == 1
             with socket.socket(fileno=fds[0]) as got:
@@ -92,7 +92,7 @@ def test_notify_to_an_abstract_socket(monkeypatch):
     name = f"@activator-test-notify-{os.getpid()}-{time.monotonic_ns()}"
     with receiver(name) as r:
         monkeypatch.setenv("NOTIFY_SOCKET", name)
-        assert act.notify("READY=1", "STATUS=abstract")
+        assert act.notify("READY=1\nSTATUS=abstract")
         assert receive(r)[0] == "READY=1\nSTATUS=abstract"
 
 
@@ -119,7 +119,7 @@ def test_same_datagrams_as_python_systemd(tmp_path):
         theirs = subprocess.run([SYSTEM_PYTHON, "-c", code.format(
             imp="from systemd import daemon", call=f"daemon.notify({state!r})")], env=env, timeout=30)
         ours = subprocess.run([SYSTEM_PYTHON, "-c", code.format(
-            imp="import activator", call=f"activator.notify(*{state.splitlines()!r})")], env=env, timeout=30)
+            imp="import activator", call=f"activator.notify({state!r})")], env=env, timeout=30)
         assert theirs.returncode == ours.returncode == 0
         assert receive(r)[0] == receive(r)[0] == state
 
@@ -243,7 +243,7 @@ def test_messages_from_other_processes_are_ignored(activator, tmp_path, monkeypa
     connect(("127.0.0.1", port)).close()
     info = read_probe(report)
     monkeypatch.setenv("NOTIFY_SOCKET", info["env"]["NOTIFY_SOCKET"])
-    act.notify("READY=1", "STATUS=spoofed")
+    act.notify("READY=1\nSTATUS=spoofed")
     a.wait_log(rf"ignored a message from pid {os.getpid()}: not a daemon of ours")
     assert "spoofed" not in a.log and "ready" not in a.log.replace("unit(s) ready", "")
     assert a.stop() == 0

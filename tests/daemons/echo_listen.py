@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A small socket-activated daemon: takes its sockets with activator.listen_fds() and echoes.
+"""A small socket-activated daemon: takes its sockets with activator.listen_sockets() and echoes.
 
 Says on stderr what it got, then serves every connection of every passed listening
 socket: each line comes back prefixed with its pid ("PID: line"). Exits 0 on SIGTERM.
@@ -15,7 +15,7 @@ import activator
 
 
 def main() -> int:
-    socks = activator.listen_fds()
+    socks = activator.listen_sockets()
     if not socks:
         print("echo_listen: no socket passed (LISTEN_FDS)", file=sys.stderr, flush=True)
         return 2

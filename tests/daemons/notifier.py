@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""A notify-type test daemon. Usage: notifier.py IMPL MODE [STATE_DIR]
+"""A notify-type test daemon written against python-systemd's systemd.daemon.
 
-IMPL: systemd (python-systemd's systemd.daemon, for /usr/bin/python3) or activator.
+Usage: notifier.py IMPL MODE [STATE_DIR]
+
+IMPL: systemd (python-systemd, for /usr/bin/python3) or activator (activator.daemon): the
+import line is the only difference, the rest of the program is the same for both.
 MODE:
   ready        STATUS=starting, then READY=1 with STATUS=serving; answers b"hello from PID\\n"
                on each connection to its first socket until SIGTERM.
@@ -13,7 +16,8 @@ MODE:
   fdstore      the descriptor store: answers "pong N from PID" to "ping N" lines on every
                connection; on "restart" it hands the connection to the store (FDSTORE=1,
                FDNAME=conn) and exits 3. A later run takes back the stored connections
-               (LISTEN_FDNAMES "conn") and goes on talking on them.
+               (LISTEN_FDNAMES "conn") and goes on talking on them. With WATCHDOG_USEC set it
+               sends WATCHDOG=1 at a third of it meanwhile, until a "hang" line.
 """
 import os
 import select
@@ -27,20 +31,19 @@ STATE = sys.argv[3] if len(sys.argv) > 3 else None
 
 if IMPL == "systemd":
     from systemd import daemon
-
-    def send(*assignments, fds=None):
-        return daemon.notify("\n".join(assignments), fds=fds or [])
-
-    def passed():
-        return [(name, socket.socket(fileno=fd)) for fd, name in sorted(daemon.listen_fds_with_names().items())]
 else:
-    import activator
+    from activator import daemon
 
-    def send(*assignments, fds=None):
-        return activator.notify(*assignments, fds=fds)
 
-    def passed():
-        return activator.listen_fds_with_names()
+def passed():
+    """(name, socket) for what we were given, stored connections included."""
+    return [(name, socket.socket(fileno=fd)) for fd, name in sorted(daemon.listen_fds_with_names().items())]
+
+
+def watchdog_interval():
+    """A third of WATCHDOG_USEC in seconds, None without a watchdog (python-systemd leaves this to us)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    return int(usec) / 1e6 / 3 if usec else None
 
 
 def serve_hello(sock):
@@ -55,29 +58,29 @@ def main():
     fds = passed()
     listeners = [s for name, s in fds if name != "conn"]
     if MODE == "ready":
-        send("STATUS=starting")
-        send("READY=1", "STATUS=serving")
+        daemon.notify("STATUS=starting")
+        daemon.notify("READY=1\nSTATUS=serving")
         serve_hello(listeners[0])
     elif MODE == "never-ready":
-        send("STATUS=warming up")
+        daemon.notify("STATUS=warming up")
         while True:
             time.sleep(3600)
     elif MODE == "mainpid":
         pid = os.fork()
         if pid == 0:
-            send(f"MAINPID={os.getpid()}", "READY=1")
+            daemon.notify(f"MAINPID={os.getpid()}\nREADY=1")
             serve_hello(listeners[0])
         signal.signal(signal.SIGTERM, lambda *a: None)  # (the stop reaches the child too)
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     elif MODE == "watchdog":
-        interval = int(os.environ["WATCHDOG_USEC"]) / 1e6 / 3
+        interval = watchdog_interval()
         first = not os.path.exists(os.path.join(STATE, "first"))
         open(os.path.join(STATE, "first"), "a").close()
-        send("READY=1")
+        daemon.notify("READY=1")
         pings = 0
         while not first or pings < 3:
-            send("WATCHDOG=1")
+            daemon.notify("WATCHDOG=1")
             pings += 1
             time.sleep(interval)
         while True:
@@ -85,11 +88,14 @@ def main():
     elif MODE == "fdstore":
         listener = listeners[0]
         conns = [s for name, s in fds if name == "conn"]
-        send("READY=1", f"STATUS={len(conns)} connection(s) taken back")
+        daemon.notify(f"READY=1\nSTATUS={len(conns)} connection(s) taken back")
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
         buffers = {}
+        interval = watchdog_interval()
         while True:
-            ready, _, _ = select.select([listener, *conns], [], [])
+            ready, _, _ = select.select([listener, *conns], [], [], interval)
+            if interval:
+                daemon.notify("WATCHDOG=1")
             for s in ready:
                 if s is listener:
                     conn, _ = listener.accept()
@@ -97,7 +103,7 @@ def main():
                     continue
                 data = s.recv(4096)
                 if not data:
-                    send("FDSTOREREMOVE=1", "FDNAME=conn")  # (all of them: this daemon keeps one client)
+                    daemon.notify("FDSTOREREMOVE=1\nFDNAME=conn")  # (all of them: this daemon keeps one client)
                     conns.remove(s)
                     s.close()
                     continue
@@ -105,8 +111,10 @@ def main():
                 while b"\n" in buffers[s]:
                     line, buffers[s] = buffers[s].split(b"\n", 1)
                     if line == b"restart":
-                        send("FDSTORE=1", "FDNAME=conn", fds=[s.fileno()])
+                        daemon.notify("FDSTORE=1\nFDNAME=conn", fds=[s.fileno()])
                         sys.exit(3)
+                    if line == b"hang":
+                        interval = None
                     if line.startswith(b"ping"):
                         s.sendall(b"pong%s from %d\n" % (line[4:], os.getpid()))
 
