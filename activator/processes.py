@@ -141,8 +141,6 @@ def signal_tree(root: int, sig: int, tree: Tree | None = None, pgid: int | None 
         singles.add(root)  # a main process (MAINPID=) that is not in the daemon's group
     for pid in singles:
         try:
-            if group and os.getpgid(pid) == root:
-                continue  # killpg() reached it: a second SIGTERM can land after its handler ran, and kill it
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
