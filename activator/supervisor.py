@@ -37,7 +37,7 @@ from .loop import Loop, TimerHandle, cancel
 from .protocol import listen_environment
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
-from .sockets import BindError, BoundSocket, apply_live_options, open_all
+from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, resolve, spawn
 from .units import Unit
 
@@ -1027,8 +1027,10 @@ class Engine:
         new_by_name = {u.name: u for u in new_units}
         keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed}
         # Sockets of units that change or go are a pool the new units take theirs from.
-        pool = {ss.bound.spec.identity(): ss.bound for name, us in old.items() if name not in keep_as_is
-                for ss in us.sockets}
+        retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
+        pool: dict[tuple, list[BoundSocket]] = {}
+        for b in retiring:
+            pool.setdefault(_socket_key(b.spec), []).append(b)
         plans: list[tuple[Unit, UnitState, list[BoundSocket]]] = []
         fresh: list[BoundSocket] = []
         errors: list[str] = []
@@ -1038,10 +1040,13 @@ class Engine:
             bound: list[BoundSocket] = []
             ok = True
             for spec in unit.sockets:
-                b = pool.pop(spec.identity(), None)
-                if b is None:
-                    try:
-                        b = open_all([spec])[0]
+                candidates = pool.get(_socket_key(spec), [])
+                b = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
+                if b is not None:
+                    candidates.remove(b)
+                else:
+                    try:  # a unix path held by a retiring socket is taken over, and given back on failure
+                        b = open_all([spec], replacing=retiring)[0]
                     except BindError as exc:
                         errors.extend(f"{unit.name}: {m}" for m in exc.messages)
                         ok = False
@@ -1057,11 +1062,13 @@ class Engine:
                 continue
             plans.append((unit, state, bound))
         if errors:
-            for b in fresh:
+            for b in reversed(fresh):
                 b.discard()
             for line in errors:
                 self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
             return ReloadResult(False, errors=errors)
+        for b in fresh:
+            b.commit()
         # Commit: nothing below can fail for a reason the user could fix.
         taken = {id(b) for _, _, bound in plans for b in bound}
         units: dict[str, UnitState] = {}
@@ -1103,7 +1110,8 @@ class Engine:
         return result
 
     def _apply_live(self, state: UnitState, b: BoundSocket, spec) -> None:
-        """Options of a kept socket that changed (backlog, buffers, mode, ...) take effect now."""
+        """Options of a kept socket that changed (backlog, buffers, mode, ...) take effect now. A failure
+        (a chown refused) leaves that socket as it was, says so, and the rest of the reload goes on."""
         if b.spec == spec:
             return
         try:
@@ -1111,7 +1119,6 @@ class Engine:
         except OSError as exc:
             self.log.warning("reload", f"cannot apply the new options of {spec.label}: {exc.strerror or exc}",
                              unit=state.name)
-        b.spec = spec
 
     def _retire(self, us: UnitState, keep: set[int]) -> None:
         us.retired = True
@@ -1122,3 +1129,8 @@ class Engine:
         # Sockets not carried over close now; a daemon still running keeps its own copies until it exits.
         self.stop_unit(us)
         self._close_unit(us, keep=keep)
+
+
+def _socket_key(spec) -> tuple:
+    """What a kept socket must share with its new spec: the same address (or inherited fd) and type."""
+    return (spec.address.text if spec.address is not None else None, spec.inherited_fd, spec.type)

@@ -38,7 +38,7 @@ class ListenSpec:
     no_delay: bool = False
     receive_buffer: int | None = None
     send_buffer: int | None = None
-    socket_mode: int = 0o666
+    socket_mode: int | None = 0o666  # None: as bind() creates it under the current umask
     socket_user: str | None = None
     socket_group: str | None = None
     directory_mode: int = 0o755

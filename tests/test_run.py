@@ -489,8 +489,9 @@ def _drop_all_capabilities():
 def test_bind_permission_denied():
     top = tempfile.mkdtemp(prefix="activator-perm-")
     try:
-        os.chown(top, 65534, 65534)
-        os.chmod(top, 0o755)  # not ours, not writable for us without CAP_DAC_OVERRIDE
+        # root's own (a directory owned by another user is refused before bind), but not writable for
+        # root without CAP_DAC_OVERRIDE
+        os.chmod(top, 0o555)
         sock = os.path.join(top, "s.sock")
         for bad in (sock, "127.0.0.1:1"):  # a privileged port without CAP_NET_BIND_SERVICE
             r = run_cli("-l", bad, "--", "true", preexec_fn=_drop_all_capabilities)
