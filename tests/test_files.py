@@ -493,8 +493,6 @@ def test_reload_moving_a_path_to_a_new_unit_does_not_probe_the_old_daemon(activa
     assert a.stop() == 0
 
 
-@pytest.mark.xfail(strict=False, reason="the engine passes the running sockets as open_all(..., replacing=) "
-                                        "and commits (integration pending)")
 def test_reload_changing_the_type_at_the_same_path_takes_it_over(activator, tmp_path):
     config = tmp_path / "units.toml"
     config.write_text(reload_config(tmp_path))

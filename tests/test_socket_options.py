@@ -213,8 +213,6 @@ def reload_with(a, tmp_path: Path, address: str, keys: dict) -> None:
     a.wait_log(r"reloaded: ")
 
 
-@pytest.mark.xfail(strict=False, reason="the engine applies live options on reload once it calls "
-                                        "sockets.needs_new_socket/apply_live_options (integration pending)")
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_reload_applies_changed_options_to_the_kept_socket(activator, tmp_path, kind):
     address = tcp4() if kind == "tcp" else str(tmp_path / "r.sock")
