@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, children, wait_for
+from conftest import IN_CI, ROOT, children, require, wait_for
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Pages others are writing: links to them may dangle until they land.
@@ -54,6 +54,9 @@ RUN_TIMEOUT = 60.0
 LISTEN_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 BIN = Path(sys.executable).parent
+# What the examples run besides activator: missing ones skip a document, or fail it under CI.
+TOOLS = ("socat", "nbdkit", "nbdinfo", "qemu-img", "qemu-nbd", "qemu-ga", "systemd-socket-activate")
+BENCH_TOOLS = ("gcc", "tcpserver", "systemd-socket-activate", "xinetd", "nbdkit", "nbdcopy", "nbdinfo")
 
 
 @dataclass
@@ -435,6 +438,9 @@ def test_examples_work_as_written(doc):
     if not any(isinstance(e, Block) and e.runnable for e in events):
         return
     assert (BIN / "activator").exists(), f"activator is not installed next to {sys.executable} (pip install -e .)"
+    code = "".join(e.text for e in events if isinstance(e, Block) and e.marks & {"run", "server"})
+    named = [t for t in TOOLS if re.search(rf"(?<![\w-]){re.escape(t)}(?![\w-])", code)]
+    require(*named, *(BENCH_TOOLS if "-m bench" in code else ()))
     sandbox = Sandbox()
     walk = Walk(sandbox)
     try:
