@@ -3,4 +3,8 @@
 # falls back to os.posix_spawn / os.fork (see activator/spawn.py).
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("activator._fastspawn", ["activator/_fastspawn.c"], optional=True)])
+setup(ext_modules=[
+    Extension("activator._fastspawn", ["activator/_fastspawn.c"], optional=True),
+    # The proxy's data path (activator/proxy.py falls back to its own relay without it).
+    Extension("activator._relay", ["activator/_relay.c"], optional=True),
+])

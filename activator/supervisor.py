@@ -35,6 +35,7 @@ from .addresses import format_peer
 from .log import Log
 from .loop import Loop, TimerHandle, cancel
 from .protocol import listen_environment
+from .proxy import Proxy
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
@@ -199,7 +200,7 @@ class UnitState:
         if self.failed:
             return "failed"
         if self.has_processes():
-            return "stopping" if self.forced == "stop" or self.retired else "running"
+            return "stopping" if self.forced in ("stop", "idle") or self.retired else "running"
         if self.waiting_for is not None:
             return "waiting"
         if self.paused_until:
@@ -272,6 +273,7 @@ class Engine:
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
+        self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
 
     # ----------------------------------------------------------------- events
     def publish(self, event: str, us: UnitState | None = None, **data: Any) -> None:
@@ -288,7 +290,7 @@ class Engine:
         svc = unit.service
         states = [SocketState(b, RateLimit(unit.trigger_limit_interval, unit.effective_trigger_burst)) for b in bound]
         us = UnitState(unit, states, RateLimit(svc.start_limit_interval, svc.start_limit_burst))
-        if unit.accept and (unit.ip_address_allow or unit.ip_address_deny):
+        if unit.accepts_connections and (unit.ip_address_allow or unit.ip_address_deny):
             us.access = AccessList(unit.ip_address_allow, unit.ip_address_deny)
         us.credentials = credentials(svc.user, svc.group, svc.supplementary_groups)
         env = dict(self._env) if svc.inherit_environment else {}
@@ -305,7 +307,7 @@ class Engine:
         for s in us.sockets:
             s.family = s.bound.sock.family
             s.inode = os.fstat(s.bound.fileno()).st_ino
-            if us.unit.accept:
+            if us.unit.accepts_connections:
                 s.bound.sock.setblocking(False)
             elif s.bound.spec.inherited_fd is None and not s.bound.sock.getblocking():
                 s.bound.sock.setblocking(True)  # kept by a reload from an accept = true unit
@@ -448,6 +450,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
             self.log.error("unit-fault", f"cannot stop the failed unit's processes: {exc!r}", unit=us.name)
         self.publish("failed", us, reason=reason)
+        self.proxy.failed(us)
 
     # --------------------------------------------------------------- signals
     def handle_signals(self, received: list[int]) -> None:
@@ -492,11 +495,13 @@ class Engine:
     def _arm(self, us: UnitState) -> None:
         if self.stopping or us.retired or us.failed or us.waiting_for is not None:
             return
-        if us.main_pid is not None or us.leftovers or self.clock() < us.paused_until:
+        if self.clock() < us.paused_until:
             return
+        if (us.main_pid is not None or us.leftovers) and not us.unit.proxy:
+            return  # the daemon has the sockets (a proxy unit keeps accepting for its daemon)
         for ss in us.sockets:
             if not ss.armed:
-                if us.unit.accept:
+                if us.unit.accepts_connections:
                     self.loop.add_reader(ss.bound.sock, partial(self._on_accept, us, ss), us)
                 else:
                     self.loop.add_reader(ss.bound.sock, partial(self._on_ready, us, ss), us)
@@ -547,7 +552,8 @@ class Engine:
 
     def _service_env(self, us: UnitState, n_fds: int, names: list[str] | None) -> dict[str, str]:
         env = dict(us.base_env)
-        env.update(listen_environment(n_fds, names))
+        if n_fds:  # a proxy unit's daemon binds its own port: no LISTEN_FDS=0 for it
+            env.update(listen_environment(n_fds, names))
         return env
 
     def _spawn(self, us: UnitState, fds: list[int], env: dict[str, str] | list[bytes], conn: int | None) -> int:
@@ -583,8 +589,9 @@ class Engine:
             self._limit_hit(us, "start-limit", "start limit hit", us.start_limit)
             return False
         us.restart_pending = False
-        names = us.unit.fd_names()
-        fds = [s.bound.fileno() for s in us.sockets]
+        proxy = us.unit.proxy
+        names = None if proxy else us.unit.fd_names()
+        fds = [] if proxy else [s.bound.fileno() for s in us.sockets]
         stored = self.notify.stored_fds(us)  # the descriptor store comes after the sockets, named
         if stored:
             names = (names or ["unknown"] * len(fds)) + [name for name, _ in stored]
@@ -607,9 +614,11 @@ class Engine:
         us.stats.started_time = time.time()
         self.pids[pid] = us
         self.notify.started(us, pid)
-        self._disarm(us)
+        if not proxy:
+            self._disarm(us)
         self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid)
         self.publish("started", us, pid=pid)
+        self.proxy.started(us)
         return True
 
     # ----------------------------------------------------- Accept=yes path
@@ -634,12 +643,18 @@ class Engine:
                     self._pause(us, self.clock() + EMFILE_PAUSE)
                     return
                 continue  # ECONNABORTED, EPROTO, ...: that connection is gone, carry on
+            handed_over = False
             try:
-                self._connection(us, ss, fd, peer)
+                handed_over = self._connection(us, ss, fd, peer)
             finally:
-                os.close(fd)
+                if not handed_over:
+                    os.close(fd)
 
-    def _connection(self, us: UnitState, ss: SocketState, fd: int, peer) -> None:
+    def _open_connections(self, us: UnitState) -> int:
+        return self.proxy.count(us) if us.unit.proxy else len(us.instances)
+
+    def _connection(self, us: UnitState, ss: SocketState, fd: int, peer) -> bool:
+        """Admit one accepted connection; True when ``fd`` was handed over (to the proxy), else the caller closes it."""
         unit = us.unit
         addr, port = format_peer(ss.family, peer)
         who = f"{addr}:{port}" if addr else "a local peer"
@@ -648,20 +663,21 @@ class Engine:
             us.stats.denied += 1
             self.log.warning("denied", f"connection from {who} denied by ip-address rules", unit=us.name,
                              collapse_key=addr, collapse_what="connections denied")
-            return
+            return False
         per_source = unit.max_connections_per_source
-        if len(us.instances) >= unit.max_connections or (
+        if not unit.proxy and (len(us.instances) >= unit.max_connections or (
             per_source and addr is not None and us.per_source.get(addr, 0) >= per_source
-        ):
+        )):
             # Instances that have exited but whose SIGCHLD is not handled yet (a busy accept batch) do not count.
             self._reap()
-        if len(us.instances) >= unit.max_connections:
+        open_now = self._open_connections(us)
+        if open_now >= unit.max_connections:
             us.stats.refused += 1
             self.log.warning(
-                "too-many", f"too many connections ({len(us.instances)}), closing connection from {who}", unit=us.name,
+                "too-many", f"too many connections ({open_now}), closing connection from {who}", unit=us.name,
                 collapse_key=addr or "local", collapse_what="connections refused (too many)",
             )
-            return
+            return False
         if per_source and addr is not None and us.per_source.get(addr, 0) >= per_source:
             us.stats.refused += 1
             self.log.warning(
@@ -669,7 +685,11 @@ class Engine:
                 f"too many connections from {addr} ({us.per_source[addr]}), closing connection", unit=us.name,
                 collapse_key=addr, collapse_what="connections refused (too many from one source)",
             )
-            return
+            return False
+        if unit.proxy:
+            us.stats.accepted += 1
+            self.proxy.connection(us, fd, ss.family, addr)
+            return True
         inetd = unit.service.standard_input == "socket"
         # This runs for every connection: the environment is extended in its encoded form.
         if us.base_envp is None:
@@ -687,7 +707,7 @@ class Engine:
         except SpawnError as exc:
             us.stats.start_failures += 1
             self.log.error("start-failed", f"cannot start instance: {exc}", unit=us.name)
-            return
+            return False
         us.stats.accepted += 1
         us.instances[pid] = addr
         if addr is not None:
@@ -695,6 +715,7 @@ class Engine:
         self.pids[pid] = us
         if self.log.enabled("debug"):
             self.log.debug("start", f"connection from {who}: started pid {pid}", unit=us.name, pid=pid)
+        return False
 
     # --------------------------------------------------------------- reaping
     def _reap(self) -> None:
@@ -754,6 +775,7 @@ class Engine:
         us.stats.last_exit, us.stats.last_exit_code, us.stats.last_exit_time = how, code, time.time()
         us.stats.started_time = None
         self.notify.exited(us)
+        self.proxy.exited(us)
         self.log.info("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
         self.publish("exited", us, pid=pid, status=code)
         self._collect_leftovers(us)
@@ -763,7 +785,8 @@ class Engine:
             self.stop(code)
             return
         forced = us.forced if us.forced in ("timeout", "watchdog") else None
-        if processes.should_restart(us.unit.service.restart, status, forced):
+        # A stop for exit-idle-sec is not a failure to recover from: the next connection starts it again.
+        if us.forced != "idle" and processes.should_restart(us.unit.service.restart, status, forced):
             delay = us.unit.service.restart_sec
             self.log.info("restart", f"restarting in {delay:g}s (restart={us.unit.service.restart})", unit=us.name)
             cancel(us.restart_timer)
@@ -824,6 +847,7 @@ class Engine:
             succ, us.successor = us.successor, None
             succ.waiting_for = None
             self.loop.dispatch(lambda: self._activate(succ), succ)
+        self.proxy.idle(us)  # connections waiting for a proxy unit's daemon
         if us.retired or us.failed or self.stopping:
             return
         if us.restart_pending and us.restart_timer is None and not us.paused_until:
@@ -937,6 +961,7 @@ class Engine:
     def unit_ready(self, us: UnitState) -> None:
         """READY=1 from the unit's daemon."""
         self.publish("ready", us, pid=us.main_pid)
+        self.proxy.ready(us)
 
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
@@ -994,7 +1019,7 @@ class Engine:
 
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set()) for us in self.units.values()]
-        for step in [*steps, self.notify.close, self.loop.restore_signals]:
+        for step in [*steps, self.proxy.close, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails

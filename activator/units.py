@@ -84,6 +84,9 @@ class ServiceSpec:
     standard_output: str | None = None  # None: the socket when standard-input is socket, else "journal"
     file_descriptor_store_max: int = 0
     umask: int | None = None
+    # Proxy units: the daemon listens here itself; activator accepts the connections and relays them.
+    proxy_to: Address | None = None
+    exit_idle_sec: float = INFINITY  # stop the daemon after this long without a connection (proxy units)
 
 
 @dataclass
@@ -106,10 +109,20 @@ class Unit:
     default_fd_name: str | None = ""
 
     @property
+    def proxy(self) -> bool:
+        """A proxy unit: one daemon, reached at service.proxy_to, fed with the connections activator accepts."""
+        return self.service.proxy_to is not None
+
+    @property
+    def accepts_connections(self) -> bool:
+        """activator accepts on the sockets itself (accept mode and proxy units), instead of the daemon."""
+        return self.accept or self.service.proxy_to is not None
+
+    @property
     def effective_trigger_burst(self) -> int:
         if self.trigger_limit_burst is not None:
             return self.trigger_limit_burst
-        return 0 if self.accept else 20
+        return 0 if self.accepts_connections else 20
 
     def fd_names(self) -> list[str] | None:
         """LISTEN_FDNAMES for Accept=no, None when it is to be left out."""
