@@ -114,10 +114,11 @@ def test_parent_is_a_file(tmp_path):
     ("--group", "99999999999999999999", "99999999999999999999"),
 ])
 def test_unknown_user_or_group_before_binding(option, value, needle, tmp_path):
+    """Checked by the same parser as TOML's user/group keys: a bad option value, so a usage error (exit 2)."""
     port = free_port()
     path = tmp_path / "u.sock"
     code, err, _ = cli("run", option, value, "-l", f"127.0.0.1:{port}", "-l", path, "--", "true")
-    assert_user_error(code, err, 1, needle)
+    assert_user_error(code, err, 2, needle, option)
     assert "listening" not in err
     assert port_free(port) and not path.exists()
 

@@ -144,8 +144,6 @@ def test_service_keys(tmp_path):
         socket.max-connections = 5
         socket.trigger-limit-interval-sec = "500ms"
         socket.trigger-limit-burst = 3
-        socket.ip-address-allow = ["localhost", "192.0.2.0/24"]
-        socket.ip-address-deny = "any"
         start-limit-burst = 7
         [svc.service]
         exec-start = "sh -c 'echo \\"hi there\\"' arg"
@@ -182,7 +180,27 @@ def test_service_keys(tmp_path):
     assert svc.file_descriptor_store_max == 4 and svc.umask == 0o027
     assert (svc.user, svc.group) == ("root", "0")
     assert unit.max_connections == 5 and unit.trigger_limit_interval == 0.5 and unit.trigger_limit_burst == 3
+
+
+def test_ip_address_rules_apply_to_accept_units_only(tmp_path):
+    [unit] = load(tmp_path, """
+        [echo]
+        socket.listen-stream = "127.0.0.1:9"
+        socket.accept = true
+        socket.ip-address-allow = ["localhost", "192.0.2.0/24"]
+        socket.ip-address-deny = "any"
+        service.exec-start = "cat"
+    """)
     assert unit.ip_address_allow == ["localhost", "192.0.2.0/24"] and unit.ip_address_deny == ["any"]
+    # With accept = false the daemon accepts by itself: a rule activator cannot apply is an error, not ignored.
+    msgs = errors(tmp_path, """
+        [web]
+        socket.listen-stream = "127.0.0.1:9"
+        socket.ip-address-deny = "any"
+        service.exec-start = "httpd"
+    """)
+    assert msgs == [f"{tmp_path / 'units.toml'}: web: socket.ip-address-deny: only applies to accept = true units "
+                    "(with accept = false the daemon accepts its connections itself)"]
 
 
 @pytest.mark.parametrize("value, expected", [('"SIGHUP"', signal.SIGHUP), ('"hup"', signal.SIGHUP),
@@ -352,7 +370,7 @@ def test_structural_errors(tmp_path):
         "dgram-accept: socket.accept: accept = true needs stream",
         "inetd-without-accept: service.standard-input: 'socket' needs accept = true",
         "dup: socket.listen-stream: address 127.0.0.1:1 is already used by unit noservice",
-        "bad name: invalid unit name",
+        "'bad name': invalid unit name",  # quoted: a name must not be able to forge a line
         "arr: socket[2].max-connections: conflicts with socket[1].max-connections",
         "arr: service.exec-start: empty command",
     ]:
