@@ -191,6 +191,14 @@ def _run_document(values: dict[str, Any], listen_key: str, listen: tuple[str, ..
     return {**by_part.get(("unit", "service"), {}), "socket": sockets, "service": service}
 
 
+def _option_of(key: str | None) -> str | None:
+    """The option of `run` that gave a key its value; None for what comes from our parent (listen-inherited)."""
+    if key in _RUN_ONLY_FLAGS:
+        return _RUN_ONLY_FLAGS[key]
+    flags = BY_KEY[key].flags if key in BY_KEY else ()
+    return next((f for f in flags if f.startswith("--")), None)
+
+
 def _run_unit(name: str, table: dict, inherited: list[tuple[int, str]]) -> "Unit":
     """The unit, built by the same loader as TOML units; its complaints name our options."""
     from .config import ConfigError, Loader
@@ -200,12 +208,10 @@ def _run_unit(name: str, table: dict, inherited: list[tuple[int, str]]) -> "Unit
     try:
         [unit] = loader.finish()
     except ConfigError as exc:
-        flags = [_RUN_ONLY_FLAGS.get(p.key or "") or (get(p.key).flags[:1] if p.key in BY_KEY else None)
-                 for p in exc.problems]
-        if not all(flags):  # not about an option: what our parent passed us
+        options = [_option_of(p.key) for p in exc.problems]
+        if None in options:  # not about an option: about what our parent passed us
             _fail("; ".join(p.message for p in exc.problems))
-        raise click.UsageError("; ".join(f"{flag if isinstance(flag, str) else flag[0]}: {p.message}"
-                                         for flag, p in zip(flags, exc.problems))) from None
+        raise click.UsageError("; ".join(f"{o}: {p.message}" for o, p in zip(options, exc.problems))) from None
     return unit
 
 
@@ -237,8 +243,6 @@ def run(listen, datagram, seqpacket, inetd, setenv, fdnames, now, exit_with_serv
     accept = bool(values["accept"]) or inetd
     if datagram and seqpacket:
         raise click.UsageError("--datagram and --seqpacket are mutually exclusive")
-    if accept and datagram:
-        raise click.UsageError("--datagram cannot be used with --accept: datagram sockets have no connections")
     if now and accept:
         raise click.UsageError("--now cannot be used with --accept")
     if exit_with_service and accept:
