@@ -148,12 +148,13 @@ def _check_fdnames(ctx: click.Context, param: click.Parameter, value: tuple[str,
 def _socket_names(names: list[str], n_inherited: int, n_listen: int) -> list[str | None]:
     """--fdname: one name for every --listen socket (or every socket without --listen), or one name each."""
     total = n_inherited + n_listen
+    unnamed: list[str | None] = [None] * n_inherited  # inherited sockets keep the names our parent gave them
     if not names:
-        return [None] * total
+        return unnamed + [None] * n_listen
     if len(names) == 1:
-        return [None] * n_inherited + names * n_listen if n_listen else names * total
+        return unnamed + [names[0]] * n_listen if n_listen else [names[0]] * total
     if len(names) == n_listen:
-        return [None] * n_inherited + list(names)
+        return unnamed + list(names)
     if len(names) == total:
         return list(names)
     raise click.BadParameter(f"{len(names)} names for {total} sockets: give one name for all, or one per socket",
@@ -169,7 +170,8 @@ def _run_unit_name(argv0: str) -> str:
 def _run_document(values: dict[str, Any], listen_key: str, listen: tuple[str, ...], names: list[str | None],
                   inherited: list[tuple[int, str]], command: tuple[str, ...], env: list[str], inetd: bool) -> dict:
     """The TOML table of the unit `run` starts, as a user would write it."""
-    given = {s.key: values[_dest(s)] for s in RUN_SETTINGS if values[_dest(s)] not in (None, False)}
+    given = {s.key: values[_dest(s)] for s in RUN_SETTINGS
+             if values[_dest(s)] is not None and values[_dest(s)] is not False}  # 0 is a value: no `in (None, False)`
     for s in SETTINGS:
         if s.run_default is not None and s.key not in given:
             given[s.key] = s.run_default() if callable(s.run_default) else s.run_default

@@ -165,7 +165,7 @@ def _read_config(path: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file")
-        chunks = []
+        chunks: list[bytes] = []
         size = 0
         while size <= CONFIG_MAX_BYTES:
             chunk = os.read(fd, 1 << 20)
@@ -305,25 +305,24 @@ class _UnitLoader:
     def load_socket(self, where: str, part: dict) -> list[ListenSpec]:
         options: dict[str, Any] = {}
         listens: list[tuple[str, list]] = []  # (key, addresses or inherited selectors), in the table's order
-        listen_keys = 0
+        listen_invalid = False  # reported already: "no address" would say it twice
         for key, value in part.items():
             at = f"{where}.{key_label(key)}"
             setting = BY_KEY.get(key)
             if setting is None or setting.part != "socket":
                 self.unknown(at, key, SOCKET_KEYS)
                 continue
-            if key in LISTEN_TYPES or key == "listen-inherited":
-                listen_keys += 1
+            is_listen = key in LISTEN_TYPES or key == "listen-inherited"
             parsed = self.parse(at, setting, value)
             if parsed is None:
-                continue
-            if key in LISTEN_TYPES or key == "listen-inherited":
+                listen_invalid |= is_listen
+            elif is_listen:
                 listens.append((key, parsed))
             elif setting.target == "unit":
                 self.set_unit_wide(setting, at, parsed)
             else:
                 options[setting.attr] = parsed
-        if not listen_keys:
+        if not listen_invalid and not any(items for _, items in listens):
             self.error(where, "no address: give listen-stream, listen-datagram, listen-sequential-packet "
                               "or listen-inherited")
         specs: list[ListenSpec] = []

@@ -77,7 +77,7 @@ class Setting:
     def metavar(self) -> str:
         if isinstance(self.parse, v.Choice):
             return "[" + "|".join(self.parse.choices) + "]"
-        return self.parse.metavar
+        return self.parse.placeholder()
 
 
 def _umask_mode() -> str:
@@ -204,10 +204,11 @@ SETTINGS: tuple[Setting, ...] = (
              "waiting for a connection (systemd's table).", "Restart", "unit", flags=("--restart",)),
     _service("restart-sec", "restart_sec", v.Time(why="a restart that never comes is restart = \"no\""),
              "Delay before such a restart.", "RestartSec", "unit", flags=("--restart-sec",)),
-    _service("timeout-start-sec", "timeout_start", v.Time("accept"), "type = notify: how long the daemon has to "
-             "send READY=1.", "TimeoutStartSec", "unit", flags=("--timeout-start-sec",)),
-    _service("timeout-stop-sec", "timeout_stop", v.Time("accept"), "How long a stopping daemon gets after its kill "
-             "signal before SIGKILL (systemd: 90s; 10s is a container engine's grace period).", "TimeoutStopSec",
+    _service("timeout-start-sec", "timeout_start", v.Time("accept", zero_is_infinity=True), "type = notify: how "
+             "long the daemon has to send READY=1 (0 or infinity: no limit).", "TimeoutStartSec", "unit", flags=("--timeout-start-sec",)),
+    _service("timeout-stop-sec", "timeout_stop", v.Time("accept", zero_is_infinity=True), "How long a stopping "
+             "daemon gets after its kill signal before SIGKILL (0 or infinity: never; systemd's default is 90s, 10s "
+             "is a container engine's grace period).", "TimeoutStopSec",
              "unit", flags=("--timeout-stop-sec", "--timeout-stop")),
     _service("watchdog-sec", "watchdog_sec", v.Time("off"), "Restart a daemon that stops sending WATCHDOG=1 "
              "within this (0 or infinity: off).", "WatchdogSec", "service", flags=("--watchdog-sec",),

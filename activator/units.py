@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from .addresses import Address
 
@@ -70,7 +69,7 @@ class BindSpec(ListenSpec):
     socket_group: str | None = None
     directory_mode: int = 0o755
     remove_on_stop: bool = False
-    inherited_fd: ClassVar[None] = None
+    inherited_fd = None  # not a field: a socket we bind was not inherited
 
     @property
     def label(self) -> str:
@@ -87,8 +86,8 @@ class InheritedSpec(ListenSpec):
     inherited_fd: int
     type: int = socket.SOCK_STREAM
     name: str | None = None
-    address: ClassVar[None] = None
-    remove_on_stop: ClassVar[bool] = False  # not ours: it stays
+    address = None  # (not fields)
+    remove_on_stop = False  # not ours: it stays
 
     @property
     def label(self) -> str:
@@ -105,9 +104,9 @@ class UnresolvedInherited(ListenSpec):
     selector: str
     type: int = socket.SOCK_STREAM
     name: str | None = None
-    address: ClassVar[None] = None
-    inherited_fd: ClassVar[None] = None
-    remove_on_stop: ClassVar[bool] = False
+    address = None  # (not fields)
+    inherited_fd = None
+    remove_on_stop = False
 
     @property
     def label(self) -> str:

@@ -150,6 +150,10 @@ class Parser:
         """What TOML would hold for this command-line text (only integers differ: TOML has them unquoted)."""
         return value
 
+    def placeholder(self) -> str:
+        """The command line's name for a value (``--backlog N``)."""
+        return self.metavar
+
     def describe(self) -> str:
         return "string"
 
@@ -258,11 +262,14 @@ class Time(Parser):
 
     infinity: str = "reject"
     why: str = ""
+    zero_is_infinity: bool = False  # systemd's TimeoutStartSec=/TimeoutStopSec=: 0 turns the timeout off
     kind: ClassVar[str] = "time"
     metavar: ClassVar[str] = "TIME"
 
     def __call__(self, value: Any) -> float:
         seconds = parse_timespan(value)
+        if seconds == 0 and self.zero_is_infinity:
+            return math.inf
         if math.isinf(seconds):
             if self.infinity == "accept":
                 return seconds
@@ -276,7 +283,8 @@ class Time(Parser):
 
     def describe(self) -> str:
         extra = {"accept": ", or infinity", "off": ", or infinity (off)", "reject": ""}[self.infinity]
-        return f"time span 0..{TIME_MAX_TEXT}{extra}"
+        zero = " (0: infinity)" if self.zero_is_infinity else ""
+        return f"time span 0..{TIME_MAX_TEXT}{extra}{zero}"
 
 
 @dataclass(frozen=True)
@@ -348,8 +356,7 @@ class Account(Parser):
     what: str = "user"
     kind: ClassVar[str] = "account"
 
-    @property  # type: ignore[override]
-    def metavar(self) -> str:
+    def placeholder(self) -> str:
         return self.what.upper()
 
     def __call__(self, value: Any) -> str:
