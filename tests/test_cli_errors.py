@@ -84,6 +84,35 @@ def test_bad_address_is_usage_error_and_nothing_bound(address, tmp_path):
     assert port_free(port) and not path.exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--timeout-stop", "30d"], "--timeout-stop"),
+    (["--watchdog-sec", "30d"], "--watchdog-sec"),
+    (["--trigger-limit-interval", "infinity"], "--trigger-limit-interval"),
+    (["--start-limit-interval", "infinity"], "--start-limit-interval"),
+    (["--restart-sec", "infinity"], "--restart-sec"),
+    (["--umask", "1777"], "--umask"),
+    (["--socket-mode", "17777"], "--socket-mode"),
+    (["--backlog", "2147483648"], "--backlog"),
+    (["--kill-mode", "mixd"], "did you mean 'mixed'?"),
+])
+def test_run_rejects_values_the_engine_cannot_apply(args, needle):
+    """The same bounds as TOML's: what run accepts, the engine can run (issue #10)."""
+    code, err, _ = cli("run", *args, "-l", f"127.0.0.1:{free_port()}", "--", "true")
+    assert_user_error(code, err, 2, needle)
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_stale_listen_fds_is_one_line_not_a_traceback(command, tmp_path):
+    """LISTEN_PID is ours but LISTEN_FDS counts descriptors that are not open (a stale environment)."""
+    config = write(tmp_path, "u.toml", GOOD.format(port=free_port()))
+    args = ["serve", str(config)] if command == "serve" else ["run", "-l", f"127.0.0.1:{free_port()}", "--", "true"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    proc = subprocess.run(["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=40 exec "$@"', "sh", sys.executable, "-m",
+                           "activator", *args], capture_output=True, text=True, timeout=20, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert_user_error(proc.returncode, proc.stderr, 1, "invalid socket-activation environment", "LISTEN_FDS")
+
+
 # ------------------------------------------------------------------ runtime errors: exit 1
 def test_address_in_use_exits_1_and_releases_the_rest(tmp_path):
     busy = socket.socket()
