@@ -29,11 +29,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - depends on the interpreter
-    import tomli as tomllib
-
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
 from .units import BindSpec, InheritedSpec, ListenSpec, ServiceSpec, UnresolvedInherited, Unit
 from .values import ENV_NAME, Invalid, show, suggest, type_name
@@ -178,7 +173,7 @@ def _read_config(path: str) -> bytes:
         os.close(fd)
 
 
-def _toml_error(exc: tomllib.TOMLDecodeError, text: str) -> str:
+def _toml_error(exc: ValueError, text: str) -> str:
     message = str(exc)
     m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", message)
     if m:
@@ -197,6 +192,11 @@ def _parse_toml(data: bytes) -> dict[str, Any]:
         line = data[:exc.start].count(b"\n") + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise Invalid(f"line {line}, column {column}: not valid UTF-8") from None
+    # Imported here: `run` builds its unit through this module without any TOML to parse.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - depends on the interpreter
+        import tomli as tomllib
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

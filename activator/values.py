@@ -17,8 +17,7 @@ import math
 import re
 import reprlib
 import shlex
-from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 # The longest single wait of epoll_wait() is 2**31-1 ms (24.8 days). Every timer activator arms
 # (restart delay, stop and start timeouts, watchdog, rate-limit pause) stays below it, so the loop
@@ -135,13 +134,16 @@ def parse_timespan(value: Any) -> float:
     return total
 
 
-@dataclass(frozen=True)
 class Parser:
-    """Base of every parser: ``parser(value)`` checks and converts; subclasses set ``kind`` and ``describe``."""
+    """Base of every parser: ``parser(value)`` checks and converts; subclasses set ``kind`` and ``describe``.
 
-    kind: ClassVar[str] = "text"
-    multiple: ClassVar[bool] = False  # a list of values: a repeatable command-line option
-    metavar: ClassVar[str] = "TEXT"
+    Plain classes, not dataclasses: `run` creates them at every start, and each dataclass costs
+    about a millisecond to create.
+    """
+
+    kind = "text"
+    multiple = False  # a list of values: a repeatable command-line option
+    metavar = "TEXT"
 
     def __call__(self, value: Any) -> Any:
         raise NotImplementedError
@@ -154,14 +156,16 @@ class Parser:
         """The command line's name for a value (``--backlog N``)."""
         return self.metavar
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
     def describe(self) -> str:
         return "string"
 
 
-@dataclass(frozen=True)
 class Bool(Parser):
-    kind: ClassVar[str] = "bool"
-    metavar: ClassVar[str] = ""
+    kind = "bool"
+    metavar = ""
 
     def __call__(self, value: Any) -> bool:
         if isinstance(value, bool):
@@ -173,12 +177,12 @@ class Bool(Parser):
         return "boolean"
 
 
-@dataclass(frozen=True)
 class Int(Parser):
-    minimum: int = 0
-    maximum: int = UINT_MAX
-    kind: ClassVar[str] = "int"
-    metavar: ClassVar[str] = "N"
+    kind = "int"
+    metavar = "N"
+
+    def __init__(self, minimum: int = 0, maximum: int = UINT_MAX):
+        self.minimum, self.maximum = minimum, maximum
 
     def __call__(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -195,14 +199,14 @@ class Int(Parser):
         return f"integer {self.minimum}..{self.maximum}"
 
 
-@dataclass(frozen=True)
 class Size(Parser):
     """A byte count; strings take systemd's base-1024 suffixes K, M, G, T, P, E."""
 
-    minimum: int = 1
-    maximum: int = INT_MAX
-    kind: ClassVar[str] = "size"
-    metavar: ClassVar[str] = "BYTES"
+    kind = "size"
+    metavar = "BYTES"
+
+    def __init__(self, minimum: int = 1, maximum: int = INT_MAX):
+        self.minimum, self.maximum = minimum, maximum
 
     def __call__(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -222,14 +226,14 @@ class Size(Parser):
         return f"bytes {self.minimum}..{self.maximum} (suffixes K, M, G)"
 
 
-@dataclass(frozen=True)
 class Mode(Parser):
     """An octal mode: a string ("0660", "0o660") or a TOML integer (0o660); one range for both spellings."""
 
-    maximum: int = MODE_MAX
-    what: str = "mode"
-    kind: ClassVar[str] = "mode"
-    metavar: ClassVar[str] = "OCTAL"
+    kind = "mode"
+    metavar = "OCTAL"
+
+    def __init__(self, maximum: int = MODE_MAX, what: str = "mode"):
+        self.maximum, self.what = maximum, what
 
     def __call__(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -252,7 +256,6 @@ class Mode(Parser):
         return f"octal 0000..{self.maximum:04o} (\"0660\" or 0o660)"
 
 
-@dataclass(frozen=True)
 class Time(Parser):
     """A systemd time span, at most TIME_MAX.
 
@@ -260,11 +263,12 @@ class Time(Parser):
     watchdog), or "reject" with ``why`` (systemd takes it, but activator cannot apply it).
     """
 
-    infinity: str = "reject"
-    why: str = ""
-    zero_is_infinity: bool = False  # systemd's TimeoutStartSec=/TimeoutStopSec=: 0 turns the timeout off
-    kind: ClassVar[str] = "time"
-    metavar: ClassVar[str] = "TIME"
+    kind = "time"
+    metavar = "TIME"
+
+    def __init__(self, infinity: str = "reject", why: str = "", zero_is_infinity: bool = False):
+        self.infinity, self.why = infinity, why
+        self.zero_is_infinity = zero_is_infinity  # systemd's TimeoutStartSec=/TimeoutStopSec=: 0 turns it off
 
     def __call__(self, value: Any) -> float:
         seconds = parse_timespan(value)
@@ -287,11 +291,12 @@ class Time(Parser):
         return f"time span 0..{TIME_MAX_TEXT}{extra}{zero}"
 
 
-@dataclass(frozen=True)
 class Text(Parser):
     """A string without NUL; ``empty``: whether "" is allowed."""
 
-    empty: bool = False
+
+    def __init__(self, empty: bool = False):
+        self.empty = empty
 
     def __call__(self, value: Any) -> str:
         result = text(value)
@@ -300,18 +305,18 @@ class Text(Parser):
         return result
 
 
-@dataclass(frozen=True)
 class Path(Text):
-    metavar: ClassVar[str] = "PATH"
+    metavar = "PATH"
 
     def describe(self) -> str:
         return "path"
 
 
-@dataclass(frozen=True)
 class Choice(Parser):
-    choices: tuple[str, ...] = ()
-    kind: ClassVar[str] = "choice"
+    kind = "choice"
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = choices
 
     def __call__(self, value: Any) -> str:
         word = text(value)
@@ -324,10 +329,9 @@ class Choice(Parser):
         return " | ".join(f"`{c}`" for c in self.choices)
 
 
-@dataclass(frozen=True)
 class Signal(Parser):
-    kind: ClassVar[str] = "signal"
-    metavar: ClassVar[str] = "SIGNAL"
+    kind = "signal"
+    metavar = "SIGNAL"
 
     def __call__(self, value: Any) -> int:
         import signal
@@ -349,15 +353,16 @@ class Signal(Parser):
         return "signal name or number"
 
 
-@dataclass(frozen=True)
 class Account(Parser):
     """A user or group (``what``): a name or a number that exists on this system, looked up at load time."""
 
-    what: str = "user"
-    kind: ClassVar[str] = "account"
+    kind = "account"
 
     def placeholder(self) -> str:
         return self.what.upper()
+
+    def __init__(self, what: str = "user"):
+        self.what = what
 
     def __call__(self, value: Any) -> str:
         from .processes import lookup_group, lookup_user
@@ -375,11 +380,10 @@ class Account(Parser):
         return f"{self.what} name or {self.what[0]}id"
 
 
-@dataclass(frozen=True)
 class Groups(Parser):
-    kind: ClassVar[str] = "groups"
-    multiple: ClassVar[bool] = True
-    metavar: ClassVar[str] = "GROUP"
+    kind = "groups"
+    multiple = True
+    metavar = "GROUP"
 
     def __call__(self, value: Any) -> list[str]:
         return [Account("group")(name) for name in strings(value)]
@@ -388,13 +392,12 @@ class Groups(Parser):
         return "group names or gids (a string or an array)"
 
 
-@dataclass(frozen=True)
 class Networks(Parser):
     """IPAddressAllow=/IPAddressDeny= entries: addresses, prefixes, or any, localhost, link-local, multicast."""
 
-    kind: ClassVar[str] = "networks"
-    multiple: ClassVar[bool] = True
-    metavar: ClassVar[str] = "PREFIX"
+    kind = "networks"
+    multiple = True
+    metavar = "PREFIX"
 
     def __call__(self, value: Any) -> list[str]:
         from .access import parse_networks
@@ -410,10 +413,9 @@ class Networks(Parser):
         return "addresses, CIDR prefixes, `any`, `localhost`, `link-local`, `multicast`"
 
 
-@dataclass(frozen=True)
 class FdName(Parser):
-    kind: ClassVar[str] = "fdname"
-    metavar: ClassVar[str] = "NAME"
+    kind = "fdname"
+    metavar = "NAME"
 
     def __call__(self, value: Any) -> str:
         from .protocol import valid_fdname
@@ -428,13 +430,12 @@ class FdName(Parser):
         return "printable ASCII without `:`, 1..255 characters"
 
 
-@dataclass(frozen=True)
 class Paths(Parser):
     """One or more paths (a string or an array), none empty; a leading ``-`` marks one as optional."""
 
-    kind: ClassVar[str] = "paths"
-    multiple: ClassVar[bool] = True
-    metavar: ClassVar[str] = "PATH"
+    kind = "paths"
+    multiple = True
+    metavar = "PATH"
 
     def __call__(self, value: Any) -> list[str]:
         paths = strings(value)
@@ -447,13 +448,12 @@ class Paths(Parser):
         return "paths (a string or an array); `-PATH`: optional"
 
 
-@dataclass(frozen=True)
 class Addresses(Parser):
     """ListenStream=-style addresses: PORT, IPv4:PORT, [IPv6]:PORT, /path, @abstract, vsock:CID:PORT."""
 
-    kind: ClassVar[str] = "addresses"
-    multiple: ClassVar[bool] = True
-    metavar: ClassVar[str] = "ADDR"
+    kind = "addresses"
+    multiple = True
+    metavar = "ADDR"
 
     def __call__(self, value: Any) -> list:
         from .addresses import AddressError, parse_address
@@ -470,13 +470,12 @@ class Addresses(Parser):
         return "addresses: `PORT`, `IPv4:PORT`, `[IPv6]:PORT`, `/path`, `@abstract`, `vsock:CID:PORT`"
 
 
-@dataclass(frozen=True)
 class Inherited(Parser):
     """Descriptors passed to activator: LISTEN_FDNAMES names, or fd numbers (3 and up); one or an array."""
 
-    kind: ClassVar[str] = "inherited"
-    multiple: ClassVar[bool] = True
-    metavar: ClassVar[str] = "NAME|FD"
+    kind = "inherited"
+    multiple = True
+    metavar = "NAME|FD"
 
     def __call__(self, value: Any) -> list[str]:
         from .protocol import LISTEN_FDS_START, valid_fdname
@@ -506,12 +505,11 @@ def _split(value: str) -> list[str]:
         raise Invalid(f"cannot split {show(value)}: {exc}") from None
 
 
-@dataclass(frozen=True)
 class Argv(Parser):
     """A command: an array of strings, or a string split as a shell would (quotes, backslashes)."""
 
-    kind: ClassVar[str] = "argv"
-    metavar: ClassVar[str] = "COMMAND"
+    kind = "argv"
+    metavar = "COMMAND"
 
     def __call__(self, value: Any) -> list[str]:
         if isinstance(value, str):
@@ -535,12 +533,11 @@ def env_name(name: Any) -> str:
     return name
 
 
-@dataclass(frozen=True)
 class Environment(Parser):
     """A table ``{ NAME = "value" }``, or systemd's ``"NAME=value"`` strings (an array, or one string split)."""
 
-    kind: ClassVar[str] = "environment"
-    metavar: ClassVar[str] = "NAME=VALUE"
+    kind = "environment"
+    metavar = "NAME=VALUE"
 
     def __call__(self, value: Any) -> dict[str, str]:
         if isinstance(value, dict):
