@@ -203,9 +203,9 @@ class Activated:
         elif isinstance(listen, str):
             from .addresses import parse_address
             from .sockets import open_socket
-            from .units import ListenSpec
+            from .units import BindSpec
 
-            bound = open_socket(ListenSpec(parse_address(listen), remove_on_stop=True))
+            bound = open_socket(BindSpec(parse_address(listen), remove_on_stop=True))
             self._bound = bound
             sock = bound.sock
         else:
