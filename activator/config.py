@@ -29,9 +29,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from .envfile import read_environment_file
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
 from .units import BindSpec, InheritedSpec, ListenSpec, ServiceSpec, UnresolvedInherited, Unit
-from .values import ENV_NAME, Invalid, show, suggest, type_name
+from .values import Invalid, show, suggest, type_name
 
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
 UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
@@ -82,75 +83,6 @@ def path_label(path: str) -> str:
 
 def key_label(key: str) -> str:
     return key if _PLAIN_KEY.fullmatch(key) else show(key)
-
-
-# ------------------------------------------------------------------ environment files
-# To be replaced by activator.envfile (a safe reader); _read_env_file is the one call site.
-def parse_environment_file(text: str) -> dict[str, str]:
-    """systemd's EnvironmentFile= format: NAME=VALUE lines, # and ; comments, quotes, backslash continuation."""
-    env: dict[str, str] = {}
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        lineno = i + 1
-        i += 1
-        while line.endswith("\\") and not line.endswith("\\\\") and i < len(lines):
-            line = line[:-1] + lines[i]
-            i += 1
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        if stripped.startswith("export ") and "=" in stripped:
-            stripped = stripped[len("export "):].lstrip()
-        name, sep, raw = stripped.partition("=")
-        name = name.strip()
-        if not sep or not ENV_NAME.fullmatch(name):
-            raise Invalid(f"line {lineno}: expected NAME=VALUE")
-        env[name] = _unquote(raw.strip(), lineno)
-    return env
-
-
-def _unquote(raw: str, lineno: int) -> str:
-    out = []
-    pos = 0
-    while pos < len(raw):
-        c = raw[pos]
-        if c == "'":
-            end = raw.find("'", pos + 1)
-            if end < 0:
-                raise Invalid(f"line {lineno}: unterminated single quote")
-            out.append(raw[pos + 1:end])
-            pos = end + 1
-        elif c == '"':
-            pos += 1
-            while True:
-                if pos >= len(raw):
-                    raise Invalid(f"line {lineno}: unterminated double quote")
-                c = raw[pos]
-                if c == '"':
-                    pos += 1
-                    break
-                if c == "\\" and pos + 1 < len(raw) and raw[pos + 1] in '"\\`$':
-                    out.append(raw[pos + 1])
-                    pos += 2
-                    continue
-                out.append(c)
-                pos += 1
-        elif c == "\\" and pos + 1 < len(raw):
-            out.append(raw[pos + 1])
-            pos += 2
-        else:
-            out.append(c)
-            pos += 1
-    return "".join(out)
-
-
-def _read_env_file(path: str) -> dict[str, str]:
-    """The variables of one environment file; OSError when it cannot be read, ValueError when malformed."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return parse_environment_file(data.decode("utf-8"))
 
 
 # ------------------------------------------------------------------ reading files
@@ -446,7 +378,7 @@ class _UnitLoader:
             if not os.path.isabs(path):
                 path = os.path.join(os.path.dirname(os.path.abspath(self.origin)), path)
             try:
-                variables = _read_env_file(path)
+                variables = read_environment_file(path)
             except FileNotFoundError:
                 if not optional:
                     self.error(at, f"cannot read {path_label(path)}: No such file or directory", "environment-file")
@@ -454,14 +386,8 @@ class _UnitLoader:
             except OSError as exc:
                 self.error(at, f"cannot read {path_label(path)}: {exc.strerror or exc}", "environment-file")
                 continue
-            except UnicodeDecodeError:
-                self.error(at, f"{path_label(path)} is not valid UTF-8", "environment-file")
-                continue
-            except ValueError as exc:
+            except ValueError as exc:  # the message names the line, never its text
                 self.error(at, f"{path_label(path)}: {exc}", "environment-file")
-                continue
-            if any("\0" in value for value in variables.values()):
-                self.error(at, f"{path_label(path)}: a value contains a NUL character", "environment-file")
                 continue
             env.update(variables)
         return env

@@ -34,7 +34,7 @@ from .access import AccessList
 from .addresses import format_peer
 from .log import Log
 from .loop import Loop, TimerHandle, cancel
-from .protocol import listen_environment
+from .protocol import STRIP_ENV, listen_environment
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
@@ -48,7 +48,6 @@ MAX_GLOBAL_FAULTS = 5  # faults outside any unit while stopping before we give u
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 DEFAULT_FORWARD = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 PER_CONNECTION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "REMOTE_ADDR", "REMOTE_PORT")
-STRIP_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 
 
 class Host:

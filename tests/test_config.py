@@ -134,7 +134,6 @@ def test_service_keys(tmp_path):
         FROM_FILE=plain value  
         QUOTED="a \\"quoted\\" value"
         SINGLE='it''s'
-        export EXPORTED=yes
         CONT=one \\
         two
         OVERRIDE=from-file
@@ -171,7 +170,7 @@ def test_service_keys(tmp_path):
     assert svc.argv == ["sh", "-c", 'echo "hi there"', "arg"]
     assert svc.environment == {
         "A": "1", "B": "2", "OVERRIDE": "from-file", "FROM_FILE": "plain value", "QUOTED": 'a "quoted" value',
-        "SINGLE": "its", "EXPORTED": "yes", "CONT": "one two",
+        "SINGLE": "its", "CONT": "one two",
     }
     assert svc.working_directory == str(tmp_path)
     assert (svc.restart, svc.restart_sec, svc.start_limit_interval, svc.start_limit_burst) == ("always", 90.0, 20.0, 7)
