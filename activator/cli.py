@@ -170,8 +170,8 @@ def _run_unit_name(argv0: str) -> str:
 def _run_document(values: dict[str, Any], listen_key: str, listen: tuple[str, ...], names: list[str | None],
                   inherited: list[tuple[int, str]], command: tuple[str, ...], env: list[str], inetd: bool) -> dict:
     """The TOML table of the unit `run` starts, as a user would write it."""
-    given = {s.key: values[_dest(s)] for s in RUN_SETTINGS
-             if values[_dest(s)] is not None and values[_dest(s)] is not False}  # 0 is a value: no `in (None, False)`
+    # None: not given (flags too default to None). Not `if value`: 0 is a value (--start-limit-burst 0).
+    given = {s.key: values[_dest(s)] for s in RUN_SETTINGS if values[_dest(s)] is not None}
     for s in SETTINGS:
         if s.run_default is not None and s.key not in given:
             given[s.key] = s.run_default() if callable(s.run_default) else s.run_default
