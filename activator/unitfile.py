@@ -122,8 +122,8 @@ def parse_unit_text(text: str, path: str) -> tuple[list[Assignment], list[Diagno
     assignments: list[Assignment] = []
     warnings: list[Diagnostic] = []
     section: str | None = None
-    continuation: str | None = None
-    start = 0
+    pieces: list[str] = []  # the lines of a continuation so far (kept apart: joining each time is quadratic)
+    size = start = 0
     bom_seen = False
     for number, raw in enumerate(_physical_lines(text), 1):
         if len(raw) > LONG_LINE_MAX:
@@ -136,19 +136,19 @@ def parse_unit_text(text: str, path: str) -> tuple[list[Assignment], list[Diagno
         line = raw
         if not bom_seen and line.startswith(BOM):
             line, bom_seen = line[1:], True
-        if continuation is None:
+        if not pieces:
             start = number
-        else:
-            if len(continuation) + len(line) > LONG_LINE_MAX:
-                raise UnitFileError([f"{path}: line {number}: continued line too long"])
-            line = continuation + line
+        size += len(line)
+        if size > LONG_LINE_MAX:
+            raise UnitFileError([f"{path}: line {number}: continued line too long (more than {LONG_LINE_MAX} bytes)"])
+        # The piece before ends in the space that replaced its backslash, so escapes start afresh here.
         if _ends_escaped(line):
-            continuation = line[:-1] + " "
+            pieces.append(line[:-1] + " ")
             continue
-        continuation = None
-        section = _parse_line(line, path, start, section, assignments, warnings)
-    if continuation is not None:
-        _parse_line(continuation, path, start, section, assignments, warnings)
+        section = _parse_line("".join(pieces) + line, path, start, section, assignments, warnings)
+        pieces, size = [], 0
+    if pieces:
+        _parse_line("".join(pieces), path, start, section, assignments, warnings)
     return assignments, warnings
 
 
@@ -917,13 +917,17 @@ SERVICE_RULES: dict[str, Rule] = {
                                             "connections are)"),
     **_same(UNSUPPORTED, " ".join(_BOOLEAN_SANDBOX), note=SANDBOX, default="no"),
     **_same(UNSUPPORTED, "RootDirectory RootImage RootImageOptions RootHash RootHashSignature RootVerity "
-                         "ProtectProc ProcSubset BindPaths BindReadOnlyPaths MountImages ExtensionImages "
+                         "BindPaths BindReadOnlyPaths MountImages ExtensionImages "
                          "ExtensionDirectories CapabilityBoundingSet AmbientCapabilities SecureBits SELinuxContext "
-                         "AppArmorProfile SmackProcessLabel KeyringMode ProtectSystem ProtectHome ReadWritePaths "
+                         "AppArmorProfile SmackProcessLabel ReadWritePaths "
                          "ReadOnlyPaths InaccessiblePaths ExecPaths NoExecPaths TemporaryFileSystem "
                          "NetworkNamespacePath IPCNamespacePath RestrictAddressFamilies RestrictFileSystems "
                          "RestrictNamespaces MountFlags SystemCallFilter SystemCallErrorNumber "
                          "SystemCallArchitectures SystemCallLog Personality", note=SANDBOX),
+    **_same(UNSUPPORTED, "ProtectSystem ProtectHome", note=SANDBOX, default="no"),
+    "ProtectProc": Rule(UNSUPPORTED, note=SANDBOX, default="default"),
+    "ProcSubset": Rule(UNSUPPORTED, note=SANDBOX, default="all"),
+    "KeyringMode": Rule(UNSUPPORTED, note="the daemon shares activator's kernel keyring", default="private"),
     "RootDirectoryStartOnly": Rule(IGNORED, note="without RootDirectory= it has no effect"),
     "PAMName": Rule(UNSUPPORTED, note="no PAM session is opened"),
     **_same(UNSUPPORTED, "CPUSchedulingPolicy CPUSchedulingPriority CPUSchedulingResetOnFork CPUAffinity "
@@ -1254,9 +1258,6 @@ def _is_default(rule: Rule, value: str) -> bool:
 
 
 # ====================================================================== finding files
-MASKED = "masked"
-
-
 @dataclass
 class _Catalog:
     """The unit files named and the directories searched, in priority order (first wins)."""
@@ -1278,7 +1279,7 @@ class _Catalog:
         for directory in self.dirs:
             path = os.path.join(directory, name)
             if os.path.lexists(path):
-                return MASKED if _is_masked(path) else path
+                return path
         return None
 
     def dropins(self, name: UnitName) -> list[str]:
@@ -1326,10 +1327,12 @@ def _shorter_prefix(prefix: str) -> str | None:
 
 
 def _is_masked(path: str) -> bool:
+    """systemd's masked unit: a link to /dev/null, or an empty regular file."""
     try:
-        return os.path.realpath(path) == "/dev/null" or os.stat(path).st_size == 0
+        st = os.stat(path)
     except OSError:
         return False
+    return os.path.realpath(path) == "/dev/null" or stat.S_ISREG(st.st_mode) and st.st_size == 0
 
 
 def _unit_name_of(path: str) -> UnitName | None:
@@ -1353,7 +1356,7 @@ def _catalog(paths: list[str]) -> _Catalog:
             continue
         catalog.add_dir(os.path.dirname(path) or ".")
         if os.path.lexists(path):
-            catalog.named.setdefault(str(name), MASKED if _is_masked(path) else path)
+            catalog.named.setdefault(str(name), path)
         elif not (name.instance and os.path.lexists(os.path.join(os.path.dirname(path), str(name.template())))):
             catalog.errors.append(f"{path}: no such file")
             continue
@@ -1436,11 +1439,12 @@ class _Loader:
         fragment = self.catalog.find(str(name))
         if fragment is None and name.instance:
             fragment = self.catalog.find(str(name.template()))
-        if fragment in (None, MASKED):
-            what = "is masked" if fragment == MASKED else f"not found in {', '.join(self.catalog.dirs)}"
-            self.errors.append(f"{required_by or name}: unit {name} {what}")
+        if fragment is None:
+            self.errors.append(f"{required_by or name}: unit {name} not found in {', '.join(self.catalog.dirs)}")
             return None
-        assert fragment is not None
+        if _is_masked(fragment):
+            self.errors.append(f"{fragment}: unit {name} is masked (an empty file or a link to /dev/null)")
+            return None
         try:
             files = [fragment, *self.catalog.dropins(name)]
             assignments: list[Assignment] = []
@@ -1520,7 +1524,8 @@ def _groups(loader: _Loader) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}
     owner: dict[str, str] = {}  # socket name -> group
     for root in loader.catalog.roots:
-        if loader.catalog.find(root) == MASKED and root not in loader.catalog.named:
+        found = loader.catalog.find(root)
+        if found and _is_masked(found) and root not in loader.catalog.named:
             continue  # masked in a directory that comes first: not a unit, as in systemd
         sock = loader.load(UnitName.parse(root))
         found = loader.group_of(sock) if sock else None
@@ -1605,11 +1610,8 @@ def _group_document(group: _Group, resolve: Callable[[str], str | None],
         if not sock.accept:
             # systemd names a socket after its unit by default; activator's TOML default is the unit's name.
             options.setdefault("file-descriptor-name", str(sock.name))
-        try:
-            sockets += [(table, {**found, **listen_origins}, sock.fragment)
-                        for table, listen_origins in _listen_tables(sock, options, t)]
-        except _Problem as exc:
-            errors.append(f"{sock.fragment}: {exc}")
+        sockets += [(table, {**found, **listen_origins}, sock.fragment)
+                    for table, listen_origins in _listen_tables(sock, options, t, errors)]
     if errors:
         raise UnitFileError(errors)
     for i, (_, found, fragment) in enumerate(sockets, 1):
@@ -1624,8 +1626,8 @@ def _group_document(group: _Group, resolve: Callable[[str], str | None],
     return doc, origins
 
 
-def _listen_tables(sock: _UnitFile, options: dict[str, Any],
-                   t: _Translation) -> list[tuple[dict[str, Any], dict[str, str]]]:
+def _listen_tables(sock: _UnitFile, options: dict[str, Any], t: _Translation,
+                   errors: list[str]) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """The socket unit's ports in their order, which is the daemon's fd order: a kind that comes
     back after another starts a new table, with the same options (TOML keys have no order of their
     own across kinds otherwise). Returns (table, origins of its listen keys) pairs."""
@@ -1637,10 +1639,15 @@ def _listen_tables(sock: _UnitFile, options: dict[str, Any],
         if rule is None or rule.kind == UNSUPPORTED:
             t.warn(a, f"not supported: {rule.note if rule else ''}")
             continue
+        try:
+            address = t.printf(a, a.value)
+        except _Problem as exc:
+            errors.append(f"{a.where}: {exc}")
+            continue
         kind = _kebab(a.key)
         if kind in runs[-1][0] and kind != last:
             runs.append(({}, {}))
-        runs[-1][0].setdefault(kind, []).append(t.printf(a, a.value))
+        runs[-1][0].setdefault(kind, []).append(address)
         runs[-1][1][kind] = a.where
         last = kind
     return [({**listens, **options}, found) for listens, found in runs]
