@@ -396,37 +396,33 @@ def _manager_is_system() -> bool:
     return os.geteuid() == 0
 
 
+def _own_account(field: str, fallback: str) -> str:
+    """A field of the passwd entry of activator's user (pw_dir, pw_shell, pw_name), or ``fallback``."""
+    try:
+        return str(getattr(pwd.getpwuid(os.geteuid()), field))
+    except KeyError:
+        return fallback
+
+
 def _home() -> str:
     home = os.environ.get("HOME", "")
     if os.path.isabs(home) and ".." not in home.split("/"):  # systemd: absolute and normalized
         return home
-    if os.geteuid() == 0:
-        return "/root"
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_dir
-    except KeyError:
-        raise _Problem("%h: the home directory of activator's user is unknown") from None
+    home = "/root" if os.geteuid() == 0 else _own_account("pw_dir", "")
+    if not home:
+        raise _Problem("%h: the home directory of activator's user is unknown")
+    return home
 
 
 def _shell() -> str:
     shell = os.environ.get("SHELL", "")
     if shell.startswith("/"):
         return shell
-    if os.geteuid() == 0:
-        return "/bin/sh"
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_shell
-    except KeyError:
-        return "/bin/sh"
+    return "/bin/sh" if os.geteuid() == 0 else _own_account("pw_shell", "/bin/sh")
 
 
 def _user_name() -> str:
-    if _manager_is_system():
-        return "root"
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
+    return "root" if _manager_is_system() else _own_account("pw_name", str(os.geteuid()))
 
 
 def _group_name() -> str:
@@ -1168,7 +1164,8 @@ def _missing_dependency(a: Assignment, name: str, t: _Translation) -> None:
     try:
         unit_type = UnitName.parse(name).type
     except ValueError:
-        raise _Problem(f"invalid unit name {name!r}") from None
+        t.warn(a, f"invalid unit name {name!r}: ignored, as systemd does", SYNTAX)
+        return
     if a.key in _HARD_DEPENDENCIES and unit_type not in SYSTEMD_ONLY_TYPES:
         t.warn(a, f"not supported ({name} is not among the loaded units): ignored, where systemd would not "
                   "start without it")
@@ -1177,8 +1174,9 @@ def _missing_dependency(a: Assignment, name: str, t: _Translation) -> None:
 # ====================================================================== one unit file with its drop-ins
 @dataclass
 class _Entry:
+    """The assignments that make one TOML key's value (for a scalar, the last one)."""
+
     rule: Rule
-    key: str
     items: list[Assignment]
 
 
@@ -1217,9 +1215,9 @@ def _apply(unit_type: str, assignments: list[Assignment], warnings: list[Diagnos
             if a.value == "":
                 entries.pop(key, None)
             elif rule.shape in LIST_SHAPES:
-                entries.setdefault(key, _Entry(rule, key, [])).items.append(a)
+                entries.setdefault(key, _Entry(rule, [])).items.append(a)
             else:
-                entries[key] = _Entry(rule, key, [a])
+                entries[key] = _Entry(rule, [a])
     return entries
 
 
@@ -1353,6 +1351,10 @@ def _catalog(paths: list[str]) -> _Catalog:
         name = _unit_name_of(path)
         if name is None:
             catalog.errors.append(f"{path}: not a .socket or .service unit file")
+            continue
+        if name.is_template:
+            catalog.errors.append(f"{path}: a template runs only as an instance: name one, such as "
+                                  f"{name.prefix}@NAME.{name.type}")
             continue
         catalog.add_dir(os.path.dirname(path) or ".")
         if os.path.lexists(path):
@@ -1524,14 +1526,14 @@ def _groups(loader: _Loader) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}
     owner: dict[str, str] = {}  # socket name -> group
     for root in loader.catalog.roots:
-        found = loader.catalog.find(root)
-        if found and _is_masked(found) and root not in loader.catalog.named:
+        fragment = loader.catalog.find(root)
+        if fragment and _is_masked(fragment) and root not in loader.catalog.named:
             continue  # masked in a directory that comes first: not a unit, as in systemd
         sock = loader.load(UnitName.parse(root))
-        found = loader.group_of(sock) if sock else None
-        if sock is None or found is None:
+        pairing = loader.group_of(sock) if sock else None
+        if sock is None or pairing is None:
             continue
-        name, service_name, per_connection = found
+        name, service_name, per_connection = pairing
         group = groups.get(name)
         if group is None:
             service = loader.load(service_name, per_connection, required_by=sock.fragment)
@@ -1705,9 +1707,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        return "nan" if value != value else "inf" if value == float("inf") else \
-            "-inf" if value == float("-inf") else repr(value)
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, (list, tuple)):

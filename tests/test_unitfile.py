@@ -29,6 +29,8 @@ else:  # pragma: no cover
 
 UNITFILES = Path(__file__).resolve().parent / "unitfiles"
 EXAMPLES = int(os.environ.get("ACTIVATOR_PROPERTY_EXAMPLES", "300"))
+# A long run (ACTIVATOR_PROPERTY_EXAMPLES=10000) must not hit pytest-timeout's 120 s per test.
+LONG_ENOUGH = pytest.mark.timeout(max(120, EXAMPLES // 10))
 PROPERTY = settings(
     max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("ACTIVATOR_PROPERTY_RANDOM"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
@@ -565,9 +567,15 @@ _unit_piece = st.sampled_from([
     "%t", "%%", "$X", "${X}", "-", "@", ":", "+", "!", ";", "\\;", "\\x41", "\\u00e9", "\\q", "a.service",
     "x.socket", "a@.service", "\r", "\ufeff", "é", "\x00", "\x7f",
 ])
-_unit_text = st.one_of(st.lists(_unit_piece, max_size=40).map("".join), st.text(max_size=300))
+_directive = st.sampled_from(sorted({key for rules in unitfile.RULES.values() for key in rules}))
+_line = st.tuples(st.sampled_from(["", "[Unit]\n", "[Socket]\n", "[Service]\n"]), _directive,
+                  st.lists(_unit_piece, max_size=6).map("".join)).map(lambda t: f"{t[0]}{t[1]}={t[2]}\n")
+_unit_text = st.one_of(st.lists(_unit_piece, max_size=40).map("".join), st.text(max_size=300),
+                       st.lists(_line, max_size=25).map(lambda lines: "[Socket]\nListenStream=/run/a\n" +
+                                                        "".join(lines)))
 
 
+@LONG_ENOUGH
 @PROPERTY
 @given(socket_text=_unit_text, service_text=_unit_text, template_text=_unit_text)
 def test_property_any_text_gives_a_document_or_one_line_errors(tmp_path_factory, socket_text, service_text,
@@ -585,6 +593,7 @@ def test_property_any_text_gives_a_document_or_one_line_errors(tmp_path_factory,
         assert_round_trip(loaded.document)
 
 
+@LONG_ENOUGH
 @PROPERTY
 @given(value=st.one_of(st.lists(_unit_piece, max_size=20).map("".join), st.text(max_size=200)))
 def test_property_any_command_line_gives_commands_or_a_clean_error(value):
@@ -599,16 +608,24 @@ def test_property_any_command_line_gives_commands_or_a_clean_error(value):
 
 
 _toml_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
+
+
+def _table_of(values, size: int):
+    # Pairs mapped to a dict rather than st.dictionaries (whose unique keys made hypothesis report flaky draws).
+    return st.lists(st.tuples(_toml_text, values), max_size=size).map(dict)
+
+
 _leaf = st.one_of(_toml_text, st.booleans(), st.integers(-2**63, 2**63 - 1), st.lists(_toml_text, max_size=4))
-_inline = st.one_of(_leaf, st.dictionaries(_toml_text, _leaf, max_size=3), st.lists(
-    st.one_of(st.lists(_toml_text, max_size=3), st.dictionaries(_toml_text, _leaf, max_size=3)), max_size=3))
-_part = st.dictionaries(_toml_text, _inline, max_size=5)
+_inline = st.one_of(_leaf, _table_of(_leaf, 3), st.lists(st.one_of(st.lists(_toml_text, max_size=3),
+                                                                   _table_of(_leaf, 3)), max_size=3))
+_part = _table_of(_inline, 4)
 _unit = st.fixed_dictionaries({"socket": st.one_of(_part, st.lists(_part, min_size=1, max_size=3)),
                                "service": _part}, optional={"description": _toml_text})
 
 
+@LONG_ENOUGH
 @PROPERTY
-@given(document=st.dictionaries(_toml_text, _unit, max_size=4))
+@given(document=_table_of(_unit, 3))
 def test_property_to_toml_round_trips(document):
     assert_round_trip(document)
 
@@ -852,3 +869,9 @@ def test_run_tinysshd(activator, debian_units, tmp_path, request):
                          timeout=30).stdout.split()
     assert out.stdout.split()[1:3] == key[:2], out.stderr
     assert a.stop() == 0
+
+
+def test_a_template_is_named_only_as_an_instance(tmp_path):
+    write_units(tmp_path, TEMPLATE)
+    assert errors_of([str(tmp_path / "svc@.socket")]) == [
+        f"{tmp_path}/svc@.socket: a template runs only as an instance: name one, such as svc@NAME.socket"]
