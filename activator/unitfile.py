@@ -1047,6 +1047,10 @@ class _Translation:
 
     def printf(self, a: Assignment, text: str) -> str:
         value = expand_specifiers(text, self.ctx)
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # %y or %h of a path that is not UTF-8: TOML cannot hold it
+            raise _Problem(f"specifiers give a value that is not valid UTF-8: {value!r}") from None
         if self.ctx.used_per_connection:
             letters = ", ".join(f"%{c}" for c in sorted(self.ctx.used_per_connection))
             self.ctx.used_per_connection.clear()

@@ -875,3 +875,11 @@ def test_a_template_is_named_only_as_an_instance(tmp_path):
     write_units(tmp_path, TEMPLATE)
     assert errors_of([str(tmp_path / "svc@.socket")]) == [
         f"{tmp_path}/svc@.socket: a template runs only as an instance: name one, such as svc@NAME.socket"]
+
+
+def test_a_specifier_that_gives_invalid_utf8_is_an_error(tmp_path):
+    root = tmp_path / os.fsdecode(b"dir\xff")
+    write_units(root, {"a.socket": "[Socket]\nListenStream=%Y/a.sock\n", "a.service": "[Service]\nExecStart=/x\n"})
+    (message,) = errors_of([str(root)])
+    assert message.endswith("a.socket: [Socket] ListenStream=: specifiers give a value that is not valid UTF-8: "
+                            f"{os.path.join(str(root), 'a.sock')!r}")
