@@ -255,51 +255,50 @@ def _next_word(text: str, pos: int, cunescape: bool = True, lenient: bool = Fals
     pos = _skip_blanks(text, pos)
     if pos >= len(text):
         return None, len(text), False
+    # Bytes, since \xHH makes a byte; a value from the environment may hold surrogate escapes.
+    errors = "strict" if cunescape else "surrogateescape"
     out = bytearray()
     quote = ""
     kept = False
     while pos < len(text):
         c = text[pos]
         if c == "\\":
-            if pos + 1 >= len(text):
-                if quote or not cunescape:
-                    if lenient:
-                        pos += 1
-                        break
-                    raise _Problem("unbalanced quoting" if quote else "trailing backslash")
-                out += b"\\"
-                kept = True
-                pos += 1
-                break
-            escape = _c_escape(text, pos + 1) if cunescape else (text[pos + 1].encode(), 1)
-            if escape is None:
-                out += text[pos:pos + 2].encode()
-                kept = True
-                pos += 2
-            else:
-                out += escape[0]
-                pos += 1 + escape[1]
-        elif quote:
-            if c == quote:
-                quote = ""
-            else:
-                out += c.encode()
-            pos += 1
-        elif c in "'\"":
+            piece, pos, unknown = _backslash(text, pos, cunescape, lenient, quote)
+            out += piece
+            kept = kept or unknown
+            continue
+        if quote and c == quote:
+            quote = ""
+        elif not quote and c in "'\"":
             quote = c
-            pos += 1
-        elif c in WHITESPACE:
+        elif not quote and c in WHITESPACE:
             break
         else:
-            out += c.encode()
-            pos += 1
+            out += c.encode("utf-8", errors)
+        pos += 1
     if quote and not lenient:
         raise _Problem("unbalanced quoting")
     try:
-        word = out.decode("utf-8")
+        word = out.decode("utf-8", errors)
     except UnicodeDecodeError:
         raise _Problem("escape sequences that do not make valid UTF-8") from None
     return word, _skip_blanks(text, pos), kept
+
+
+def _backslash(text: str, pos: int, cunescape: bool, lenient: bool, quote: str) -> tuple[bytes, int, bool]:
+    """What the backslash at text[pos] stands for: (bytes, the position after it, an unknown escape kept)."""
+    if pos + 1 >= len(text):  # a trailing backslash
+        if cunescape and not quote:
+            return b"\\", pos + 1, True  # kept verbatim, as systemd does after warning
+        if lenient:
+            return b"", pos + 1, False
+        raise _Problem("unbalanced quoting" if quote else "trailing backslash")
+    if not cunescape:
+        return text[pos + 1].encode("utf-8", "surrogateescape"), pos + 2, False
+    escape = _c_escape(text, pos + 1)
+    if escape is None:
+        return text[pos:pos + 2].encode(), pos + 2, True
+    return escape[0], pos + 1 + escape[1], False
 
 
 def split_words(text: str, cunescape: bool = False, lenient: bool = False) -> list[str]:

@@ -883,3 +883,8 @@ def test_a_specifier_that_gives_invalid_utf8_is_an_error(tmp_path):
     (message,) = errors_of([str(root)])
     assert message.endswith("a.socket: [Socket] ListenStream=: specifiers give a value that is not valid UTF-8: "
                             f"{os.path.join(str(root), 'a.sock')!r}")
+
+
+def test_expand_argv_keeps_undecodable_environment_values():
+    value = os.fsdecode(b"a\xff b")  # an environment value that is not UTF-8 (surrogate escapes)
+    assert expand_argv(["$V", "x${V}"], {"V": value}) == [os.fsdecode(b"a\xff"), "b", "x" + value]
