@@ -14,6 +14,7 @@ import sys
 import click
 
 from . import __version__
+from .ctl import control_options, ctl
 from .processes import parse_signal
 
 RESTART_CHOICES = ["no", "on-success", "on-failure", "on-abnormal", "on-abort", "always"]
@@ -130,11 +131,12 @@ def _forward_signals(values: tuple[str, ...]) -> tuple[int, ...]:
               help="Accept mode: close connections from peers matching PREFIX unless allowed (repeatable).")
 @_forward_option
 @_logging_options
+@control_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restart, restart_sec, max_connections,
         max_connections_per_source, exit_with_service, timeout_stop, trigger_limit_interval, trigger_limit_burst,
         start_limit_interval, start_limit_burst, backlog, kill_mode, kill_signal, service_type, user, group,
-        ip_allow, ip_deny, forward, verbose, log_format, command):
+        ip_allow, ip_deny, forward, verbose, log_format, command, control):
     """Listen on sockets and start COMMAND on the first connection, passing them as fd 3, 4, ...
 
     Options are those of systemd-socket-activate, plus supervision: the daemon is
@@ -240,10 +242,11 @@ def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restar
         trigger_limit_interval=trigger_limit_interval, trigger_limit_burst=trigger_limit_burst,
         start_now=now, default_fd_name=None, ip_address_allow=list(ip_allow), ip_address_deny=list(ip_deny),
     )
-    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service)
+    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service, control=control)
 
 
-def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None) -> None:
+def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, control=None) -> None:
+    from .control import attach_control
     from .log import Log
     from .sockets import BindError
     from .processes import cloexec_all_above
@@ -255,13 +258,15 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
     log = Log(verbose=verbose, fmt=log_format)
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
                     reloader=reloader)
-    try:
-        engine.open()
-    except BindError as exc:
-        for line in exc.messages:
-            log.error("bind", line)
-        sys.exit(1)
-    sys.exit(engine.run())
+    with attach_control(engine, control):  # opened first: when it fails, nothing is bound
+        try:
+            engine.open()
+        except BindError as exc:
+            for line in exc.messages:
+                log.error("bind", line)
+            sys.exit(1)
+        code = engine.run()
+    sys.exit(code)
 
 
 def _config_paths(paths: tuple[str, ...]) -> list[str]:
@@ -279,7 +284,8 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
 @_forward_option
 @_logging_options
-def serve(paths, exit_with_service, forward, verbose, log_format):
+@control_options
+def serve(paths, exit_with_service, forward, verbose, log_format, control):
     """Run the units of PATH (TOML files, or directories of *.toml).
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
@@ -301,7 +307,7 @@ def serve(paths, exit_with_service, forward, verbose, log_format):
     if not units:
         _fail(f"no units found in {', '.join(sources)}")
     _engine_main(units, verbose, log_format, forward, exit_with_service=exit_with_service,
-                 reloader=lambda: load_units(sources, inherited=inherited))
+                 reloader=lambda: load_units(sources, inherited=inherited), control=control)
 
 
 @main.command(short_help="Validate TOML unit files without binding anything.")
@@ -321,3 +327,6 @@ def check(paths):
         listens = ", ".join(s.label for s in unit.sockets)
         click.echo(f"{unit.name}: {listens} -> {' '.join(unit.service.argv)}")
     click.echo(f"{len(units)} unit(s) OK")
+
+
+main.add_command(ctl)
