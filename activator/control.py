@@ -231,7 +231,10 @@ def call(command: str, *, socket_path: str | None = None, pid: int | None = None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(request.encode())
+            try:
+                sock.sendall(request.encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before it read anything (permission, busy): the reason waits to be read
             line = _read_line(sock)
     except OSError as exc:
         raise ControlError("unreachable", f"cannot reach activator at {path}: {exc.strerror or exc}") from None

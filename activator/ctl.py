@@ -101,6 +101,8 @@ def ctl(ctx: click.Context, socket_path: str | None, pid: int | None, timeout: f
     Exit status: 0 done, 1 refused or failed, 2 usage, 3 no such unit,
     4 cannot reach activator.
     """
+    if socket_path and pid:
+        raise click.UsageError("--socket and --pid are mutually exclusive")
     ctx.obj = {"socket": socket_path, "pid": pid, "timeout": timeout}
 
 
