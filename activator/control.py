@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import socket
 import stat
@@ -339,15 +340,15 @@ class StreamServer:
                 conn.close()
                 continue
             self.clients[conn.fileno()] = client
-            self._guard(client, lambda c=client: self._welcome(c))
+            self._guard(client, functools.partial(self._welcome, client))
 
     def _welcome(self, client: Client) -> None:
+        self._restart_timer(client)  # first: even a refusal that cannot be written at once ends in time
         refusal = self.greet(client) if self.greet else None
         if refusal is not None:
             self._reply(client, refusal, close_after=True)
             return
         self._listen_to(client)
-        self._restart_timer(client)
 
     # ------------------------------------------------------------ a client
     def _guard(self, client: Client, step: Callable[[], None]) -> None:
@@ -755,8 +756,8 @@ def _parse_request(line: bytes, commands: dict[str, Any]) -> dict[str, Any]:
         raise ControlError("bad-request", "version must be a positive integer")
     if version > PROTOCOL:
         raise ControlError("unsupported-version", f"this activator speaks protocol version {PROTOCOL}")
-    if "id" in request and not (request["id"] is None or type(request["id"]) in (str, int)) \
-            or len(str(request.get("id"))) > 256:
+    request_id = request.get("id")
+    if not (request_id is None or type(request_id) in (str, int)) or len(str(request_id)) > 256:
         raise ControlError("bad-request", "id must be a string or an integer (at most 256 characters)")
     command = request.get("command")
     if not isinstance(command, str) or command not in commands:

@@ -9,7 +9,6 @@ one request per connection, headers at most 8 KiB, 5 s to send them, only ``GET`
 """
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterator
@@ -156,15 +155,16 @@ def open_metrics(engine: Engine, address: str) -> MetricsServer:
         engine.log.error("metrics", "--metrics-listen needs prometheus_client: pip install 'activator[metrics]'")
         sys.exit(1)
     try:
-        spec = ListenSpec(parse_address(address), remove_on_stop=True)
+        parsed = parse_address(address)
     except AddressError as exc:
         engine.log.error("metrics", f"--metrics-listen: {exc}")
         sys.exit(2)
+    spec = ListenSpec(parsed, remove_on_stop=True)
     try:
         bound = open_socket(spec)
     except OSError as exc:
         engine.log.error("metrics", describe_error(spec, exc))
         sys.exit(1)
-    web = spec.address.family in (socket.AF_INET, socket.AF_INET6)
-    engine.log.info("metrics", f"metrics at http://{spec.label}/metrics" if web else f"metrics on {spec.label} (/metrics)")
+    engine.log.info("metrics", f"metrics at http://{spec.label}/metrics" if parsed.is_ip
+                    else f"metrics on {spec.label} (/metrics)")
     return MetricsServer(engine, bound)
