@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import socket
 import stat
 import struct
@@ -665,7 +666,9 @@ def test_idle_with_control_socket_and_metrics_means_no_wakeups(activator, tmp_pa
     before = voluntary_switches(a.pid)
     time.sleep(2.0)
     assert voluntary_switches(a.pid) - before == 0
+    assert "_psutil_linux" not in Path(f"/proc/{a.pid}/maps").read_text()  # start-up did not pay for psutil
     status(sock)  # a client came and went: no timer of its is left behind
+    assert "_psutil_linux" in Path(f"/proc/{a.pid}/maps").read_text()
     scrape(mport)
     time.sleep(0.3)
     before = voluntary_switches(a.pid)
@@ -703,3 +706,28 @@ def test_metrics_without_prometheus_client_is_one_line_exit_1(activator, tmp_pat
                        f"pip install 'activator[metrics]'"]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_requests_while_stopping(activator, tmp_path):
+    """During a stop the control socket still answers: status shows it, actions are refused."""
+    sock = tmp_path / "c.sock"
+    report = tmp_path / "r.json"
+    a = activator("run", "--control-socket", sock, "--now", "--timeout-stop", "30s", "-l", f"127.0.0.1:{free_port()}",
+                  "--", PY, PROBE, report, "ignore-term")
+    a.wait_listening()
+    name = os.path.basename(PY)  # run names its unit after the command
+    daemon = wait_for(lambda: unit(sock, name)["main_pid"] if report.exists() else None, what="the daemon")
+    from activator.control import call
+
+    assert call("shutdown", socket_path=str(sock)) == {"stopping": True}
+    s = wait_for(lambda: (s := status(sock))["activator"]["stopping"] and s, what="stopping")
+    assert s["units"][0]["state"] == "stopping" and s["units"][0]["main_pid"] == daemon
+    for command in ("start", "restart", "stop"):
+        r = ctl(sock, command, name)
+        assert r.returncode == 1 and r.stderr == "activator ctl: error: activator is stopping\n", (command, r)
+    r = ctl(sock, "reload")
+    assert r.returncode == 1 and "stopping" in r.stderr
+    assert ctl(sock, "stop-all").returncode == 0  # asked twice: still one stop
+    assert pid_alive(daemon)  # SIGTERM is ignored; SIGKILL comes after timeout-stop (30 s)
+    os.kill(a.pid, signal.SIGTERM)  # a second SIGTERM kills what is left at once
+    assert a.wait(20) == 0 and not pid_alive(daemon) and not sock.exists()
