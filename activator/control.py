@@ -49,8 +49,7 @@ ACCEPT_BATCH = 16
 EMFILE_PAUSE = 1.0
 UNITS_MAX = 10_000  # unit names in one request
 SAMPLE_MAX = 20_000  # processes whose statistics one request reads
-SWEEP_MAX = 256  # stale sockets looked at in the default directory at start-up
-FIND_MAX = 256  # sockets ctl looks at in the default directory
+FIND_MAX = 256  # sockets looked at in the default directory (by ctl, and for stale ones at start-up)
 _UCRED = struct.Struct("3i")
 
 # Error codes of the protocol and the exit status `activator ctl` gives each.
@@ -154,7 +153,7 @@ def _instance_sockets(directory: str) -> list[tuple[int, str]]:
 def _sweep(directory: str) -> None:
     """Remove the sockets of activators that died without cleaning up (SIGKILL). Safe: a live one
     is only ever visible under its name once it listens (see _bind)."""
-    for _, path in _instance_sockets(directory)[:SWEEP_MAX]:
+    for _, path in _instance_sockets(directory):
         if not _answers(path):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -5,7 +5,7 @@ module is the unit lifecycle. Both ``activator run`` (one unit built from the
 command line) and ``activator serve`` (units from files) drive this :class:`Engine`.
 
 The lifecycle's public API, for the notify hub and the control interface:
-:meth:`Engine.start_unit`, :meth:`Engine.stop_unit`, :meth:`Engine.restart_unit`,
+:meth:`Engine.start_unit`, :meth:`Engine.stop_unit`, :meth:`Engine.restart_unit`, :meth:`Engine.halt_unit`,
 :meth:`Engine.adopt_main_pid`, :meth:`Engine.child_exited`, :meth:`Engine.unit_ready`,
 :meth:`Engine.fail_unit`, :meth:`Engine.unit_of_pid`, :meth:`Engine.reload`,
 :meth:`Engine.stop`; events go to every callable in :attr:`Engine.listeners`.
