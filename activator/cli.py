@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 import click
 
 from . import __version__
+from .ctl import control_options, ctl
 from .processes import parse_signal
 from .settings import BY_KEY, SETTINGS, Setting, format_default, get
 from .values import Bool, Invalid
@@ -234,9 +235,10 @@ def _run_unit(name: str, table: dict, inherited: list[tuple[int, str]]) -> "Unit
 @_setting_options
 @_forward_option
 @_logging_options
+@control_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(listen, datagram, seqpacket, inetd, setenv, fdnames, now, exit_with_service, forward, verbose, log_format,
-        command, **values):
+        command, control, **values):
     """Listen on sockets and start COMMAND on the first connection, passing them as fd 3, 4, ...
 
     Options are those of systemd-socket-activate, plus supervision: the daemon is
@@ -258,7 +260,7 @@ def run(listen, datagram, seqpacket, inetd, setenv, fdnames, now, exit_with_serv
     unit = _run_unit(_run_unit_name(command[0]), table, inherited)
     unit.start_now = now
     unit.default_fd_name = None  # as systemd-socket-activate: no LISTEN_FDNAMES unless a socket is named
-    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service)
+    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service, control=control)
 
 
 def _inherited_fds() -> list[tuple[int, str]]:
@@ -274,7 +276,8 @@ def _inherited_fds() -> list[tuple[int, str]]:
               f"not open ({exc.strerror})")
 
 
-def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None) -> None:
+def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, control=None) -> None:
+    from .control import attach_control
     from .log import Log
     from .sockets import BindError
     from .processes import cloexec_all_above
@@ -286,13 +289,15 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
     log = Log(verbose=verbose, fmt=log_format)
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
                     reloader=reloader)
-    try:
-        engine.open()
-    except BindError as exc:
-        for line in exc.messages:
-            log.error("bind", line)
-        sys.exit(1)
-    sys.exit(engine.run())
+    with attach_control(engine, control):  # opened first: when it fails, nothing is bound
+        try:
+            engine.open()
+        except BindError as exc:
+            for line in exc.messages:
+                log.error("bind", line)
+            sys.exit(1)
+        code = engine.run()
+    sys.exit(code)
 
 
 def _config_paths(paths: tuple[str, ...]) -> list[str]:
@@ -310,7 +315,8 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
 @_forward_option
 @_logging_options
-def serve(paths, exit_with_service, forward, verbose, log_format):
+@control_options
+def serve(paths, exit_with_service, forward, verbose, log_format, control):
     """Run the units of PATH (TOML files, or directories of *.toml).
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
@@ -328,7 +334,7 @@ def serve(paths, exit_with_service, forward, verbose, log_format):
     if not units:
         _fail(f"no units found in {', '.join(sources)}")
     _engine_main(units, verbose, log_format, forward, exit_with_service=exit_with_service,
-                 reloader=lambda: load_units(sources, inherited=inherited))
+                 reloader=lambda: load_units(sources, inherited=inherited), control=control)
 
 
 @main.command(short_help="Validate TOML unit files without binding anything.")
@@ -348,3 +354,6 @@ def check(paths):
         listens = ", ".join(s.label for s in unit.sockets)
         click.echo(f"{unit.name}: {listens} -> {' '.join(unit.service.argv)}")
     click.echo(f"{len(units)} unit(s) OK")
+
+
+main.add_command(ctl)
