@@ -147,7 +147,7 @@ def open_metrics(engine: Engine, address: str) -> MetricsServer:
     """Bind ``address`` for the metrics endpoint; a one-line error and exit 1 when it cannot be."""
     from .addresses import AddressError, parse_address
     from .sockets import describe_error, open_socket
-    from .units import ListenSpec
+    from .units import BindSpec
 
     try:
         import prometheus_client  # noqa: F401 - the optional extra: say so before binding anything
@@ -159,7 +159,7 @@ def open_metrics(engine: Engine, address: str) -> MetricsServer:
     except AddressError as exc:
         engine.log.error("metrics", f"--metrics-listen: {exc}")
         sys.exit(2)
-    spec = ListenSpec(parsed, remove_on_stop=True)
+    spec = BindSpec(parsed, remove_on_stop=True)
     try:
         bound = open_socket(spec)
     except OSError as exc:

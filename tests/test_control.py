@@ -456,7 +456,7 @@ def test_control_socket_placement_and_collisions(activator, tmp_path):
     # A second activator on the same socket: one line naming it, exit 1, nothing bound.
     b = activator("run", "--control-socket", sock, "-l", f"127.0.0.1:{port2}", "--", "true")
     assert b.wait(20) == 1
-    assert b.lines == [f"activator[{b.pid}]: error: cannot open the control socket {sock}: a server is listening on it"]
+    assert b.lines == [f"activator[{b.pid}]: error: cannot open the control socket {sock}: in use: a server is listening on it"]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port2), timeout=5).close()
     assert unit(sock, "true")["state"] == "listening"  # the first one is untouched
