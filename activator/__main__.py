@@ -23,6 +23,7 @@ Options:
 
 Commands:
   check  Validate TOML unit files without binding anything.
+  ctl    Control a running activator: status, start, stop, reload.
   run    Start COMMAND on demand with the sockets at fd 3, 4, ...
   serve  Run the units of TOML files; SIGHUP reloads.
 """

@@ -8,40 +8,24 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
 from . import __version__
+from .ctl import control_options, ctl
 from .processes import parse_signal
+from .settings import BY_KEY, SETTINGS, Setting, format_default, get
+from .values import Bool, Invalid
 
-RESTART_CHOICES = ["no", "on-success", "on-failure", "on-abnormal", "on-abort", "always"]
+if TYPE_CHECKING:
+    from .units import Unit
 
 
-def _fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"activator: error: {message}", err=True)
     sys.exit(code)
-
-
-def _timespan(ctx, param, value):
-    if value is None:
-        return None
-    from .timespan import parse_timespan
-
-    try:
-        return parse_timespan(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _signal_number(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_signal(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,163 +71,213 @@ def _forward_signals(values: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(result)
 
 
+# ------------------------------------------------------------------ run
+# The options of `run` that are settings come from the registry (same parser, bounds and doc as TOML);
+# socket options first, then the unit's, then the service's.
+RUN_SETTINGS = tuple(sorted((s for s in SETTINGS if s.flags), key=lambda s: ("socket", "unit", "service").index(s.part)))
+# Keys that `run` sets from its own options, for naming the option in an error.
+_RUN_ONLY_FLAGS = {"listen-stream": "--listen", "listen-datagram": "--listen", "listen-sequential-packet": "--listen",
+                   "file-descriptor-name": "--fdname", "environment": "--setenv", "exec-start": "COMMAND",
+                   "standard-input": "--inetd"}
+
+
+def _dest(setting: Setting) -> str:
+    return setting.key.replace("-", "_")
+
+
+def _check(setting: Setting, raw: Any) -> Any:
+    """``raw`` (what TOML would hold) after the setting's own parser accepted it; exit 2 when it does not."""
+    try:
+        setting.parse(raw)
+    except Invalid as exc:
+        raise click.BadParameter(str(exc)) from None
+    return raw
+
+
+def _setting_callback(setting: Setting) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def validate(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None or value == ():
+            return None  # not given: the TOML default (or the setting's run_default) applies
+        if setting.parse.multiple:
+            return _check(setting, [setting.parse.from_text(item) for item in value])
+        return _check(setting, setting.parse.from_text(value))
+    return validate
+
+
+def _run_default_text(setting: Setting) -> str:
+    if callable(setting.run_default):
+        return setting.run_default.__doc__ or ""
+    if setting.run_default is not None:
+        return str(setting.run_default)
+    return format_default(setting)
+
+
+def _setting_option(setting: Setting) -> Callable:
+    doc = setting.doc.replace("`", "")  # the docs page's markup
+    if isinstance(setting.parse, Bool):  # every boolean setting is off by default: a flag turns it on
+        return click.option(*setting.flags, _dest(setting), is_flag=True, default=None, help=doc)
+    repeat = " (repeatable)" if setting.parse.multiple else ""
+    return click.option(*setting.flags, _dest(setting), multiple=setting.parse.multiple, metavar=setting.metavar,
+                        callback=_setting_callback(setting),
+                        help=f"{doc}{repeat} [default: {_run_default_text(setting).replace('`', '')}]")
+
+
+def _setting_options(f: Callable) -> Callable:
+    for setting in reversed(RUN_SETTINGS):
+        f = _setting_option(setting)(f)
+    return f
+
+
+def _check_listen(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    _check(get("listen-stream"), list(value))
+    return value
+
+
+def _check_setenv(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    # As systemd-socket-activate: NAME alone passes our value through, "" when we have none.
+    items = [item if "=" in item else f"{item}={os.environ.get(item, '')}" for item in value]
+    return _check(get("environment"), items)
+
+
+def _check_fdnames(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    names = [name for entry in value for name in entry.split(":")]
+    for name in names:
+        _check(get("file-descriptor-name"), name)
+    return names
+
+
+def _socket_names(names: list[str], n_inherited: int, n_listen: int) -> list[str | None]:
+    """--fdname: one name for every --listen socket (or every socket without --listen), or one name each."""
+    total = n_inherited + n_listen
+    unnamed: list[str | None] = [None] * n_inherited  # inherited sockets keep the names our parent gave them
+    if not names:
+        return unnamed + [None] * n_listen
+    if len(names) == 1:
+        return unnamed + [names[0]] * n_listen if n_listen else [names[0]] * total
+    if len(names) == n_listen:
+        return unnamed + list(names)
+    if len(names) == total:
+        return list(names)
+    raise click.BadParameter(f"{len(names)} names for {total} sockets: give one name for all, or one per socket",
+                             param_hint="'--fdname'")
+
+
+def _run_unit_name(argv0: str) -> str:
+    """The unit's name in the log: the command's base name, with what a unit name may not hold replaced."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "_.@-") else "_" for c in os.path.basename(argv0))
+    return name[:255] or "run"
+
+
+def _run_document(values: dict[str, Any], listen_key: str, listen: tuple[str, ...], names: list[str | None],
+                  inherited: list[tuple[int, str]], command: tuple[str, ...], env: list[str], inetd: bool) -> dict:
+    """The TOML table of the unit `run` starts, as a user would write it."""
+    # None: not given (flags too default to None). Not `if value`: 0 is a value (--start-limit-burst 0).
+    given = {s.key: values[_dest(s)] for s in RUN_SETTINGS if values[_dest(s)] is not None}
+    for s in SETTINGS:
+        if s.run_default is not None and s.key not in given:
+            given[s.key] = s.run_default() if callable(s.run_default) else s.run_default
+    if inetd:  # as in systemd-socket-activate, --inetd implies one instance per connection
+        given.update({"accept": True, "standard-input": "socket"})
+    by_part: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in given.items():
+        s = get(key)
+        by_part.setdefault((s.part, s.target), {})[key] = value
+    sockets: list[dict[str, Any]] = [{"listen-inherited": fd} for fd, _ in inherited]
+    sockets += [{listen_key: text, **by_part.get(("socket", "spec"), {})} for text in listen]
+    for table, name in zip(sockets, names):
+        if name is not None:
+            table["file-descriptor-name"] = name
+    sockets[0].update(by_part.get(("socket", "unit"), {}))
+    service = {**by_part.get(("service", "service"), {}), "exec-start": list(command)}
+    if env:
+        service["environment"] = env
+    return {**by_part.get(("unit", "service"), {}), "socket": sockets, "service": service}
+
+
+def _option_of(key: str | None) -> str | None:
+    """The option of `run` that gave a key its value; None for what comes from our parent (listen-inherited)."""
+    if key in _RUN_ONLY_FLAGS:
+        return _RUN_ONLY_FLAGS[key]
+    flags = BY_KEY[key].flags if key in BY_KEY else ()
+    return next((f for f in flags if f.startswith("--")), None)
+
+
+def _run_unit(name: str, table: dict, inherited: list[tuple[int, str]]) -> "Unit":
+    """The unit, built by the same loader as TOML units; its complaints name our options."""
+    from .config import ConfigError, Loader
+
+    loader = Loader(inherited)
+    loader.add_document({name: table}, "run")
+    try:
+        [unit] = loader.finish()
+    except ConfigError as exc:
+        options = [_option_of(p.key) for p in exc.problems]
+        if None in options:  # not about an option: about what our parent passed us
+            _fail("; ".join(p.message for p in exc.problems))
+        raise click.UsageError("; ".join(f"{o}: {p.message}" for o, p in zip(options, exc.problems))) from None
+    return unit
+
+
 @main.command(context_settings={"allow_interspersed_args": False},
               short_help="Start COMMAND on demand with the sockets at fd 3, 4, ...")
-@click.option("-l", "--listen", "listen", multiple=True, metavar="ADDR",
+@click.option("-l", "--listen", "listen", multiple=True, metavar="ADDR", callback=_check_listen,
               help="Listen on ADDR: PORT, IPv4:PORT, [IPv6]:PORT, /path, @abstract, vsock:CID:PORT (repeatable).")
-@click.option("-a", "--accept", is_flag=True, help="Start one instance per connection (inetd style).")
 @click.option("-d", "--datagram", is_flag=True, help="Datagram sockets instead of stream sockets.")
 @click.option("--seqpacket", is_flag=True, help="SOCK_SEQPACKET sockets instead of stream sockets.")
-@click.option("--inetd", is_flag=True, help="Pass the connection on stdin and stdout instead of fd 3.")
-@click.option("-E", "--setenv", "setenv", multiple=True, metavar="NAME[=VALUE]",
+@click.option("--inetd", is_flag=True,
+              help="Pass each connection on stdin and stdout instead of fd 3, without LISTEN_* (implies -a).")
+@click.option("-E", "--setenv", "setenv", multiple=True, metavar="NAME[=VALUE]", callback=_check_setenv,
               help="Set a variable for the daemon; without =VALUE take it from our environment.")
-@click.option("--fdname", "fdnames", multiple=True, metavar="NAME[:NAME...]", help="Names for LISTEN_FDNAMES.")
+@click.option("--fdname", "fdnames", multiple=True, metavar="NAME[:NAME...]", callback=_check_fdnames,
+              help="Names for LISTEN_FDNAMES: one for all sockets, or one per socket.")
 @click.option("--now", is_flag=True, help="Start the daemon at once instead of at the first connection.")
-@click.option("--restart", type=click.Choice(RESTART_CHOICES), default="no", show_default=True,
-              help="When to restart the daemon after it exits (without waiting for a connection).")
-@click.option("--restart-sec", callback=_timespan, default="100ms", show_default=True, metavar="TIME",
-              help="Delay before such a restart.")
-@click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
-              help="Accept mode: instances at most; more connections are closed at once.")
-@click.option("--max-connections-per-source", type=click.IntRange(0), default=0, show_default=True,
-              help="Accept mode: instances at most per client IP address (0: no limit).")
 @click.option("--exit-with-service", is_flag=True, help="Exit when the daemon exits, with its status.")
-@click.option("--timeout-stop", callback=_timespan, default="10s", show_default=True, metavar="TIME",
-              help="How long a stopping daemon gets before SIGKILL.")
-@click.option("--trigger-limit-interval", callback=_timespan, default="2s", show_default=True, metavar="TIME")
-@click.option("--trigger-limit-burst", type=click.IntRange(0), default=None,
-              help="Activations per interval and socket [default: 20; 0 (off) in accept mode].")
-@click.option("--start-limit-interval", callback=_timespan, default="10s", show_default=True, metavar="TIME")
-@click.option("--start-limit-burst", type=click.IntRange(0), default=5, show_default=True,
-              help="Daemon starts per interval (0: no limit).")
-@click.option("--backlog", type=click.IntRange(0), default=socket.SOMAXCONN, show_default=True)
-@click.option("--kill-mode", type=click.Choice(["control-group", "mixed", "process"]), default="control-group",
-              show_default=True, help="What a stop signals: the daemon's whole tree, or only its main process.")
-@click.option("--kill-signal", callback=_signal_number, default="SIGTERM", show_default=True)
-@click.option("--type", "service_type", type=click.Choice(["simple", "notify"]), default="simple", show_default=True,
-              help="notify: the daemon reports readiness with sd_notify (NOTIFY_SOCKET).")
-@click.option("--user", help="Run the daemon as this user (activator must be root).")
-@click.option("--group", help="Run the daemon with this group.")
-@click.option("--ip-address-allow", "ip_allow", multiple=True, metavar="PREFIX",
-              help="Accept mode: let in peers matching PREFIX (CIDR, any, localhost, link-local; repeatable).")
-@click.option("--ip-address-deny", "ip_deny", multiple=True, metavar="PREFIX",
-              help="Accept mode: close connections from peers matching PREFIX unless allowed (repeatable).")
+@_setting_options
 @_forward_option
 @_logging_options
+@control_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(listen, accept, datagram, seqpacket, inetd, setenv, fdnames, now, restart, restart_sec, max_connections,
-        max_connections_per_source, exit_with_service, timeout_stop, trigger_limit_interval, trigger_limit_burst,
-        start_limit_interval, start_limit_burst, backlog, kill_mode, kill_signal, service_type, user, group,
-        ip_allow, ip_deny, forward, verbose, log_format, command):
+def run(listen, datagram, seqpacket, inetd, setenv, fdnames, now, exit_with_service, forward, verbose, log_format,
+        command, control, **values):
     """Listen on sockets and start COMMAND on the first connection, passing them as fd 3, 4, ...
 
     Options are those of systemd-socket-activate, plus supervision: the daemon is
     restarted by the next connection after it exits.
     """
-    from .addresses import AddressError, parse_address
-    from .protocol import inherited_fds, valid_fdname
-    from .units import ListenSpec, ServiceSpec, Unit
-
+    accept = bool(values["accept"]) or inetd
     if datagram and seqpacket:
         raise click.UsageError("--datagram and --seqpacket are mutually exclusive")
-    if accept and datagram:
-        raise click.UsageError("--datagram cannot be used with --accept: datagram sockets have no connections")
-    if inetd and not accept:
-        accept = True  # as in systemd-socket-activate, --inetd implies one instance per connection
     if now and accept:
         raise click.UsageError("--now cannot be used with --accept")
     if exit_with_service and accept:
         raise click.UsageError("--exit-with-service cannot be used with --accept")
-    sock_type = socket.SOCK_DGRAM if datagram else socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM
+    inherited = _inherited_fds()
+    if not inherited and not listen:
+        raise click.UsageError("no sockets: give at least one --listen ADDR (or be socket-activated yourself)")
+    names = _socket_names(fdnames, len(inherited), len(listen))
+    listen_key = "listen-datagram" if datagram else "listen-sequential-packet" if seqpacket else "listen-stream"
+    table = _run_document(values, listen_key, listen, names, inherited, command, setenv, inetd)
+    unit = _run_unit(_run_unit_name(command[0]), table, inherited)
+    unit.start_now = now
+    unit.default_fd_name = None  # as systemd-socket-activate: no LISTEN_FDNAMES unless a socket is named
+    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service, control=control)
 
-    addresses = []
-    for text in listen:
-        try:
-            addresses.append(parse_address(text))
-        except AddressError as exc:
-            raise click.BadParameter(str(exc), param_hint="'--listen'") from None
 
-    names: list[str] = []
-    for entry in fdnames:
-        names.extend(entry.split(":"))
-    for name in names:
-        if not valid_fdname(name):
-            raise click.BadParameter(f"invalid file descriptor name {name!r}", param_hint="'--fdname'")
+def _inherited_fds() -> list[tuple[int, str]]:
+    """The descriptors our parent passed us (read once); a one-line error when its LISTEN_* are wrong."""
+    from .protocol import ProtocolError, inherited_fds
 
     try:
-        inherited = inherited_fds()
-    except OSError as exc:  # ProtocolError, or EBADF: LISTEN_FDS names a descriptor that is not open
+        return inherited_fds()
+    except ProtocolError as exc:
         _fail(f"invalid socket-activation environment from our parent: {exc.strerror}")
-
-    n_total = len(inherited) + len(addresses)
-    if n_total == 0:
-        raise click.UsageError("no sockets: give at least one --listen ADDR (or be socket-activated yourself)")
-    specs: list[ListenSpec] = []
-    for fd, name in inherited:
-        try:
-            kind = socket.socket(fileno=os.dup(fd))
-            itype = kind.type
-            kind.close()
-        except OSError:
-            _fail(f"inherited fd {fd} is not a socket")
-        specs.append(ListenSpec(None, type=itype, name=None if name == "unknown" else name, inherited_fd=fd))
-    for address in addresses:
-        specs.append(ListenSpec(address, type=sock_type, backlog=backlog, remove_on_stop=True))
-    if names:
-        if len(names) == 1:
-            targets = specs[len(inherited):] if addresses else specs
-            for spec in targets:
-                spec.name = names[0]
-        elif len(names) == len(addresses):
-            for spec, name in zip(specs[len(inherited):], names):
-                spec.name = name
-        elif len(names) == len(specs):
-            for spec, name in zip(specs, names):
-                spec.name = name
-        else:
-            raise click.BadParameter(
-                f"{len(names)} names for {len(specs)} sockets: give one name for all, or one per socket",
-                param_hint="'--fdname'",
-            )
-
-    if ip_allow or ip_deny:
-        from .access import parse_networks
-
-        for hint, entries in (("'--ip-address-allow'", ip_allow), ("'--ip-address-deny'", ip_deny)):
-            try:
-                parse_networks(list(entries))
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint=hint) from None
-
-    env: dict[str, str] = {}
-    for item in setenv:
-        key, sep, value = item.partition("=")
-        # systemd's env_name_is_valid(): a shell variable name
-        if not key or key[0].isdigit() or not all(c.isascii() and (c.isalnum() or c == "_") for c in key):
-            raise click.BadParameter(f"invalid variable {item!r}", param_hint="'--setenv'")
-        if sep:
-            env[key] = value
-        else:
-            # As systemd-socket-activate: NAME alone passes our value through, "" when we have none.
-            env[key] = os.environ.get(key, "")
-
-    service = ServiceSpec(
-        argv=list(command), environment=env, type=service_type, restart=restart, restart_sec=restart_sec,
-        start_limit_interval=start_limit_interval, start_limit_burst=start_limit_burst, timeout_stop=timeout_stop,
-        kill_signal=kill_signal, kill_mode=kill_mode, user=user, group=group,
-        standard_input="socket" if inetd else "inherit",
-        standard_output="socket" if inetd else "journal",
-    )
-    unit = Unit(
-        name=os.path.basename(command[0]) or command[0], sockets=specs, service=service, accept=accept,
-        max_connections=max_connections, max_connections_per_source=max_connections_per_source,
-        trigger_limit_interval=trigger_limit_interval, trigger_limit_burst=trigger_limit_burst,
-        start_now=now, default_fd_name=None, ip_address_allow=list(ip_allow), ip_address_deny=list(ip_deny),
-    )
-    _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service)
+    except OSError as exc:  # EBADF: LISTEN_FDS counts descriptors that are not open (a stale environment)
+        _fail(f"invalid socket-activation environment from our parent: LISTEN_FDS names a descriptor that is "
+              f"not open ({exc.strerror})")
 
 
-def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None) -> None:
+def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, control=None) -> None:
+    from .control import attach_control
     from .log import Log
     from .sockets import BindError
     from .processes import cloexec_all_above
@@ -255,13 +289,15 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
     log = Log(verbose=verbose, fmt=log_format)
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
                     reloader=reloader)
-    try:
-        engine.open()
-    except BindError as exc:
-        for line in exc.messages:
-            log.error("bind", line)
-        sys.exit(1)
-    sys.exit(engine.run())
+    with attach_control(engine, control):  # opened first: when it fails, nothing is bound
+        try:
+            engine.open()
+        except BindError as exc:
+            for line in exc.messages:
+                log.error("bind", line)
+            sys.exit(1)
+        code = engine.run()
+    sys.exit(code)
 
 
 def _config_paths(paths: tuple[str, ...]) -> list[str]:
@@ -279,19 +315,16 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
 @_forward_option
 @_logging_options
-def serve(paths, exit_with_service, forward, verbose, log_format):
+@control_options
+def serve(paths, exit_with_service, forward, verbose, log_format, control):
     """Run the units of PATH (TOML files, or directories of *.toml).
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
     """
     from .config import ConfigError, load_units
-    from .protocol import ProtocolError, inherited_fds
 
     sources = _config_paths(paths)
-    try:
-        inherited = inherited_fds()  # read once: units take them with listen-inherited
-    except ProtocolError as exc:
-        _fail(f"invalid socket-activation environment from our parent: {exc.strerror}")
+    inherited = _inherited_fds()  # read once: units take them with listen-inherited
     try:
         units = load_units(sources, inherited=inherited)
     except ConfigError as exc:
@@ -301,7 +334,7 @@ def serve(paths, exit_with_service, forward, verbose, log_format):
     if not units:
         _fail(f"no units found in {', '.join(sources)}")
     _engine_main(units, verbose, log_format, forward, exit_with_service=exit_with_service,
-                 reloader=lambda: load_units(sources, inherited=inherited))
+                 reloader=lambda: load_units(sources, inherited=inherited), control=control)
 
 
 @main.command(short_help="Validate TOML unit files without binding anything.")
@@ -319,5 +352,9 @@ def check(paths):
         sys.exit(1)
     for unit in units:
         listens = ", ".join(s.label for s in unit.sockets)
-        click.echo(f"{unit.name}: {listens} -> {' '.join(unit.service.argv)}")
+        via = f" (proxied to {unit.service.proxy_to})" if unit.service.proxy_to is not None else ""
+        click.echo(f"{unit.name}: {listens} -> {' '.join(unit.service.argv)}{via}")
     click.echo(f"{len(units)} unit(s) OK")
+
+
+main.add_command(ctl)

@@ -20,6 +20,9 @@ from typing import Mapping, MutableMapping
 
 LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+# Addressed to activator itself by its parent (sd_listen_fds(3), sd_notify(3), sd_watchdog_enabled(3)):
+# never passed on, since each daemon gets its own. The one list of them.
+STRIP_ENV = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 MAX_FDNAME = 255
 INT_MAX = 2**31 - 1
 LONG_MAX = 2**63 - 1
@@ -160,27 +163,18 @@ def _count(environ: Mapping[str, str], pid: int) -> int:
     return n
 
 
-def _read(environ: Mapping[str, str], pid: int, with_names: bool, cloexec: bool) -> list[tuple[int, str]]:
+def _read(environ: Mapping[str, str], pid: int, with_names: bool) -> list[tuple[int, str]]:
     names = None
     if with_names and "LISTEN_FDNAMES" in environ:
         names = split_fdnames(environ["LISTEN_FDNAMES"])
     n = _count(environ, pid)
-    if cloexec:
-        for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + n):
-            os.set_inheritable(fd, False)  # OSError(EBADF) for a descriptor that is not open, as libsystemd
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + n):
+        os.set_inheritable(fd, False)  # OSError(EBADF) for a descriptor that is not open, as libsystemd
     if n and names is not None and len(names) != n:
         raise ProtocolError(f"LISTEN_FDNAMES has {len(names)} names for {n} descriptors")
     if names is None:
         names = ["unknown"] * n
     return list(zip(range(LISTEN_FDS_START, LISTEN_FDS_START + n), names))
-
-
-def parse_listen_environment(environ: Mapping[str, str], pid: int, with_names: bool = True) -> list[tuple[int, str]]:
-    """The (fd, name) pairs passed to process ``pid`` by ``environ``; [] when none are for it.
-
-    Raises ProtocolError (an OSError with EINVAL or ERANGE) where sd_listen_fds_with_names() fails.
-    """
-    return _read(environ, pid, with_names, cloexec=False)
 
 
 def _unset(environ: MutableMapping[str, str]) -> None:
@@ -194,7 +188,7 @@ def inherited_fds(
     """Descriptors our parent passed us, close-on-exec set; LISTEN_* removed when ``unset`` (even on error)."""
     environ = os.environ if environ is None else environ
     try:
-        return _read(environ, os.getpid(), with_names, cloexec=True)
+        return _read(environ, os.getpid(), with_names)
     finally:
         if unset:
             _unset(environ)

@@ -529,6 +529,9 @@ class Proxy:
             if us.retired and not us.has_processes():
                 self._hand_over(pu)
             return  # a failed unit's clients were closed; a retired one's wait for its processes to go
+        if us.held:  # `ctl stop --disarm`: nothing is started until the unit is started again
+            self._give_up(pu, "the unit is stopped")
+            return
         if pu.reachable:
             self._dispatch(pu)
             return
@@ -741,4 +744,4 @@ class Proxy:
         self.log.info("idle-stop", f"no connection for {us.unit.service.exit_idle_sec:g}s, stopping the service",
                       unit=us.name, pid=us.main_pid)
         pu.reachable = False  # from now on connections wait for the next run
-        self.engine.stop_unit(us, "idle")
+        self.engine.halt_unit(us)  # no restart= afterwards; the front sockets stay armed

@@ -27,6 +27,7 @@ from . import processes
 from .loop import TimerHandle, cancel
 from .protocol import valid_fdname
 from .ratelimit import RateLimit
+from .values import bounded_usec
 
 NOTIFY_BUFFER_MAX = 4096  # systemd's PIPE_BUF-sized datagrams; longer ones are dropped
 NOTIFY_FD_MAX = 768  # descriptors per message, as systemd
@@ -35,7 +36,6 @@ DEFAULT_STORED_NAME = "stored"
 STRANGER_BURST = 200  # messages per second from processes that are not ours before we stop looking them up
 ANCESTRY_MAX = 32  # how far up a sender's ancestry we look for the unit's main process
 STATUS_MAX = 1024  # characters of STATUS= kept and logged
-NOTIFY_TIME_MAX = 365 * 86400.0  # the longest watchdog or start-timeout extension a daemon may ask for
 _UCRED = struct.Struct("3i")
 
 
@@ -185,15 +185,10 @@ class NotifySocket:
                 pass
 
 
-def bounded_usec(text: str | None) -> float | None:
-    """A µs count sent by a daemon (WATCHDOG_USEC=, EXTEND_TIMEOUT_USEC=) as seconds, within the
-    bounds of configured time spans; None when it is not a positive integer or is beyond them."""
-    if text is None or not text.isascii() or not text.isdigit() or len(text) > 20:
-        return None
-    seconds = int(text) / 1e6
-    if not 0 < seconds <= NOTIFY_TIME_MAX:
-        return None
-    return seconds
+def _positive_usec(text: str) -> float | None:
+    """A daemon's µs count as seconds, bounded like configured time spans; None unless positive."""
+    seconds = bounded_usec(text)
+    return seconds if seconds else None
 
 
 @dataclass(eq=False)
@@ -437,10 +432,9 @@ class NotifyHub:
             self.log.info("status", f"status: {run.status}", unit=us.name, pid=message.pid)
         extend = message.get("EXTEND_TIMEOUT_USEC")
         if extend is not None and not run.ready and run.start_timer is not None:
-            extra = bounded_usec(extend)
+            extra = _positive_usec(extend)
             if extra is None:
-                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a time span "
-                                 f"within {NOTIFY_TIME_MAX:g}s", unit=us.name)
+                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a positive number of µs", unit=us.name)
             elif self.engine.clock() + extra > run.start_deadline:
                 self._set_start_timer(us, run, self.engine.clock() + extra)
         if message.get("READY") == "1" and not run.ready:
@@ -459,10 +453,9 @@ class NotifyHub:
             self.log.info("errno", f"errno: {errno_text[:40]}", unit=us.name, pid=message.pid)
         new_usec = message.get("WATCHDOG_USEC")
         if new_usec is not None:
-            seconds = bounded_usec(new_usec)
+            seconds = _positive_usec(new_usec)
             if seconds is None:
-                self.log.warning("notify", f"ignored WATCHDOG_USEC={new_usec[:40]!r}: not a time span "
-                                 f"within {NOTIFY_TIME_MAX:g}s", unit=us.name)
+                self.log.warning("notify", f"ignored WATCHDOG_USEC={new_usec[:40]!r}: not a positive number of µs", unit=us.name)
             else:
                 run.watchdog_usec = int(seconds * 1e6)
                 self._arm_watchdog(us, run)

@@ -323,6 +323,21 @@ def _probe(path: str, sock_type: int) -> str | None:
     return "in use: a server is listening on it"
 
 
+def remove_stale_socket(path: str, sock_type: int) -> None:
+    """For a socket activator keeps at a fixed path of its own (the control socket): remove what is
+    at ``path`` only when it is a socket nobody is bound to; OSError (EEXIST, EADDRINUSE) otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, "path exists and is not a socket; refusing to remove it")
+    reason = _probe(path, sock_type)
+    if reason is not None:
+        raise OSError(errno.EADDRINUSE, reason)
+    os.unlink(path)
+
+
 def _clear_the_way(parent: _Parent, spec: ListenSpec, trusted: frozenset[int],
                    replacing: Collection[BoundSocket]) -> Takeover | None:
     """Make room for the new socket file: nothing there, a dead socket we may replace, or our own being replaced."""

@@ -5,7 +5,7 @@ module is the unit lifecycle. Both ``activator run`` (one unit built from the
 command line) and ``activator serve`` (units from files) drive this :class:`Engine`.
 
 The lifecycle's public API, for the notify hub and the control interface:
-:meth:`Engine.start_unit`, :meth:`Engine.stop_unit`, :meth:`Engine.restart_unit`,
+:meth:`Engine.start_unit`, :meth:`Engine.stop_unit`, :meth:`Engine.restart_unit`, :meth:`Engine.halt_unit`,
 :meth:`Engine.adopt_main_pid`, :meth:`Engine.child_exited`, :meth:`Engine.unit_ready`,
 :meth:`Engine.fail_unit`, :meth:`Engine.unit_of_pid`, :meth:`Engine.reload`,
 :meth:`Engine.stop`; events go to every callable in :attr:`Engine.listeners`.
@@ -34,7 +34,7 @@ from .access import AccessList
 from .addresses import format_peer
 from .log import Log
 from .loop import Loop, TimerHandle, cancel
-from .protocol import listen_environment
+from .protocol import STRIP_ENV, listen_environment
 from .proxy import Proxy
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
@@ -49,7 +49,6 @@ MAX_GLOBAL_FAULTS = 5  # faults outside any unit while stopping before we give u
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 DEFAULT_FORWARD = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 PER_CONNECTION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "REMOTE_ADDR", "REMOTE_PORT")
-STRIP_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 
 
 class Host:
@@ -177,6 +176,8 @@ class UnitState:
     successor: "UnitState | None" = None  # armed once this one's processes are gone
     waiting_for: "UnitState | None" = None
     forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog')
+    held: bool = False  # `ctl stop --disarm`: not listened on until started again
+    manual_stop: bool = False  # `ctl stop`: no restart= after this exit
     stats: UnitStats = field(default_factory=UnitStats)
 
     @property
@@ -196,11 +197,14 @@ class UnitState:
 
     @property
     def state(self) -> str:
-        """listening, running, paused, stopping, waiting (for an older generation), failed or idle."""
+        """listening, running, paused, stopping, waiting (for an older generation), failed, stopped
+        (by `ctl stop --disarm`) or idle."""
         if self.failed:
             return "failed"
         if self.has_processes():
-            return "stopping" if self.forced in ("stop", "idle") or self.retired else "running"
+            return "stopping" if self.forced == "stop" or self.retired else "running"
+        if self.held:
+            return "stopped"
         if self.waiting_for is not None:
             return "waiting"
         if self.paused_until:
@@ -493,7 +497,7 @@ class Engine:
 
     # ------------------------------------------------------------ arming
     def _arm(self, us: UnitState) -> None:
-        if self.stopping or us.retired or us.failed or us.waiting_for is not None:
+        if self.stopping or us.retired or us.failed or us.held or us.waiting_for is not None:
             return
         if self.clock() < us.paused_until:
             return
@@ -589,6 +593,7 @@ class Engine:
             self._limit_hit(us, "start-limit", "start limit hit", us.start_limit)
             return False
         us.restart_pending = False
+        us.manual_stop = False
         proxy = us.unit.proxy
         names = None if proxy else us.unit.fd_names()
         fds = [] if proxy else [s.bound.fileno() for s in us.sockets]
@@ -785,8 +790,7 @@ class Engine:
             self.stop(code)
             return
         forced = us.forced if us.forced in ("timeout", "watchdog") else None
-        # A stop for exit-idle-sec is not a failure to recover from: the next connection starts it again.
-        if us.forced != "idle" and processes.should_restart(us.unit.service.restart, status, forced):
+        if not us.manual_stop and processes.should_restart(us.unit.service.restart, status, forced):
             delay = us.unit.service.restart_sec
             self.log.info("restart", f"restarting in {delay:g}s (restart={us.unit.service.restart})", unit=us.name)
             cancel(us.restart_timer)
@@ -921,6 +925,7 @@ class Engine:
             return False
         if us.failed:
             us.failed = None
+        us.held = False
         if us.has_processes():
             return False
         return self._start(us)
@@ -929,6 +934,7 @@ class Engine:
         """Stop the unit's processes; once they are gone start it again (Accept=no) or re-arm it."""
         if us.failed:
             us.failed = None
+        us.held = us.manual_stop = False
         if us.has_processes():
             us.restart_pending = not us.unit.accept
             self.stop_unit(us, "stop")
@@ -940,7 +946,24 @@ class Engine:
     def arm_unit(self, us: UnitState) -> None:
         """Listen again for this unit (after a failure or a manual disarm)."""
         us.failed = None
+        us.held = False
         self._arm(us)
+
+    def halt_unit(self, us: UnitState, disarm: bool = False) -> None:
+        """`ctl stop`: end the unit's processes with no restart= afterwards. Its sockets stay open and
+        are listened on again once the processes are gone, or with ``disarm`` not until start_unit,
+        restart_unit or arm_unit (connections wait in the backlog meanwhile)."""
+        us.held = disarm
+        cancel(us.restart_timer)
+        us.restart_timer = None
+        us.restart_pending = False
+        if disarm:
+            self._disarm(us)
+        if us.has_processes():
+            us.manual_stop = True
+            self.stop_unit(us, "stop")
+        elif not disarm:
+            self._arm(us)
 
     def disarm_unit(self, us: UnitState) -> None:
         self._disarm(us)

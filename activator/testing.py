@@ -34,11 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
+from .protocol import STRIP_ENV
 from .spawn import SpawnSpec, resolve, spawn
 
 __all__ = ["Activated", "DaemonDied", "activate", "start"]
 
-STRIP_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
 POLL = 0.05  # how often a blocked read checks that the daemon is still alive
 
 
@@ -203,9 +203,9 @@ class Activated:
         elif isinstance(listen, str):
             from .addresses import parse_address
             from .sockets import open_socket
-            from .units import ListenSpec
+            from .units import BindSpec
 
-            bound = open_socket(ListenSpec(parse_address(listen), remove_on_stop=True))
+            bound = open_socket(BindSpec(parse_address(listen), remove_on_stop=True))
             self._bound = bound
             sock = bound.sock
         else:

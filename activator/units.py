@@ -3,7 +3,8 @@
 A unit pairs one or more listening sockets with one service, like a systemd
 ``.socket`` plus its ``.service``. ``activator run`` builds one unit from its
 command line; ``activator serve`` builds units from TOML files. The engine
-(:mod:`activator.supervisor`) only ever sees these dataclasses.
+(:mod:`activator.supervisor`) only ever sees these dataclasses. Their defaults are
+the defaults of the settings that fill them (activator.settings reads them here).
 """
 from __future__ import annotations
 
@@ -13,23 +14,48 @@ from dataclasses import dataclass, field
 
 from .addresses import Address
 
-SOCKET_TYPES = {"stream": socket.SOCK_STREAM, "datagram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
-RESTART_POLICIES = ("no", "on-success", "on-failure", "on-abnormal", "on-abort", "always")
-KILL_MODES = ("control-group", "mixed", "process", "none")
-SERVICE_TYPES = ("simple", "exec", "notify")
-STDIN_MODES = ("null", "socket", "inherit")
-STDOUT_MODES = ("inherit", "null", "socket", "journal")
-INFINITY = float("inf")
+
+class ListenSpec:
+    """One listening socket. Three kinds: :class:`BindSpec` (an address to bind), :class:`InheritedSpec`
+    (a descriptor passed to activator) and :class:`UnresolvedInherited` (``check``: not looked up).
+
+    Every kind answers ``address``, ``inherited_fd`` and ``remove_on_stop`` (None or False where
+    they do not apply), so that code holding any spec reads them without asking which kind it is.
+    """
+
+    type: int
+    name: str | None
+    address: Address | None
+    inherited_fd: int | None
+    remove_on_stop: bool
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def _where(self) -> object:
+        raise NotImplementedError
+
+    def identity(self) -> tuple:
+        """What must be equal for a reload to keep this very socket: where it is and its socket-rebind settings."""
+        from .settings import reload_attrs
+
+        return (self._where(), self.type, *(getattr(self, a, None) for a in reload_attrs("socket-rebind")))
+
+    def live_options(self) -> dict[str, object]:
+        """The socket-live settings: what a reload applies to the socket it keeps."""
+        from .settings import reload_attrs
+
+        return {a: getattr(self, a, None) for a in reload_attrs("socket-live")}
 
 
 @dataclass
-class ListenSpec:
-    """One listening socket: either an address to bind or a descriptor inherited from our parent."""
+class BindSpec(ListenSpec):
+    """An address activator binds and listens on."""
 
-    address: Address | None
+    address: Address
     type: int = socket.SOCK_STREAM
     name: str | None = None
-    inherited_fd: int | None = None
     backlog: int = socket.SOMAXCONN
     bind_ipv6_only: str = "default"  # default | both | ipv6-only
     reuse_port: bool = False
@@ -43,22 +69,51 @@ class ListenSpec:
     socket_group: str | None = None
     directory_mode: int = 0o755
     remove_on_stop: bool = False
+    inherited_fd = None  # not a field: a socket we bind was not inherited
 
     @property
     def label(self) -> str:
-        if self.address is not None:
-            return str(self.address)
-        if self.inherited_fd is None:  # `activator check`: resolved only by `serve`
-            return f"inherited {self.name}"
+        return str(self.address)
+
+    def _where(self) -> object:
+        return self.address.text
+
+
+@dataclass
+class InheritedSpec(ListenSpec):
+    """A descriptor our parent passed us (LISTEN_FDS), passed on as it is."""
+
+    inherited_fd: int
+    type: int = socket.SOCK_STREAM
+    name: str | None = None
+    address = None  # (not fields)
+    remove_on_stop = False  # not ours: it stays
+
+    @property
+    def label(self) -> str:
         return f"inherited fd {self.inherited_fd}" + (f" ({self.name})" if self.name else "")
 
-    def identity(self) -> tuple:
-        """What must be equal for a reload to keep this very socket open."""
-        return (
-            self.address.text if self.address else None, self.inherited_fd, self.type, self.backlog,
-            self.bind_ipv6_only, self.reuse_port, self.free_bind, self.socket_mode, self.socket_user,
-            self.socket_group, self.directory_mode,
-        )
+    def _where(self) -> object:
+        return self.inherited_fd
+
+
+@dataclass
+class UnresolvedInherited(ListenSpec):
+    """``activator check``: a listen-inherited selector (a name or an fd number); only ``serve`` has descriptors."""
+
+    selector: str
+    type: int = socket.SOCK_STREAM
+    name: str | None = None
+    address = None  # (not fields)
+    inherited_fd = None
+    remove_on_stop = False
+
+    @property
+    def label(self) -> str:
+        return f"inherited {self.selector}"
+
+    def _where(self) -> object:
+        return ("unresolved", self.selector)
 
 
 @dataclass
@@ -86,7 +141,7 @@ class ServiceSpec:
     umask: int | None = None
     # Proxy units: the daemon listens here itself; activator accepts the connections and relays them.
     proxy_to: Address | None = None
-    exit_idle_sec: float = INFINITY  # stop the daemon after this long without a connection (proxy units)
+    exit_idle_sec: float = float("inf")  # stop the daemon after this long without a connection (proxy units)
 
 
 @dataclass
@@ -103,7 +158,6 @@ class Unit:
     start_now: bool = False
     ip_address_allow: list[str] = field(default_factory=list)
     ip_address_deny: list[str] = field(default_factory=list)
-    source: str = field(default="", compare=False)  # the file it came from, for messages
     # Name of sockets without file-descriptor-name: "" means the unit's name (systemd's default);
     # None means pass no LISTEN_FDNAMES at all unless a socket is named (systemd-socket-activate).
     default_fd_name: str | None = ""

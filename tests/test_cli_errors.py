@@ -59,7 +59,8 @@ def port_free(port: int) -> bool:
     (["run", "--fdname", "a:b:c", "-l", "127.0.0.1:1", "--", "true"], "--fdname"),
     (["run", "--fdname", "bad\x01name", "-l", "127.0.0.1:1", "--", "true"], "--fdname"),
     (["run", "--setenv", "=x", "-l", "127.0.0.1:1", "--", "true"], "--setenv"),
-    (["run", "--datagram", "--accept", "-l", "127.0.0.1:1", "--", "true"], "--datagram"),
+    (["run", "--datagram", "--accept", "-l", "127.0.0.1:1", "--", "true"], "not the datagram socket"),
+    (["run", "--ip-address-deny", "any", "-l", "127.0.0.1:1", "--", "true"], "only applies to accept = true"),
     (["run", "--ip-address-allow", "1.2.3.4/33", "-a", "-l", "127.0.0.1:1", "--", "true"], "1.2.3.4/33"),
     (["run", "--ip-address-deny", "nowhere", "-a", "-l", "127.0.0.1:1", "--", "true"], "nowhere"),
     (["run", "--log-format", "xml", "-l", "127.0.0.1:1", "--", "true"], "--log-format"),
@@ -81,6 +82,35 @@ def test_bad_address_is_usage_error_and_nothing_bound(address, tmp_path):
     code, err, _ = cli("run", "-l", f"127.0.0.1:{port}", "-l", path, "-l", address, "--", "true")
     assert_user_error(code, err, 2, "--listen")
     assert port_free(port) and not path.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--timeout-stop", "30d"], "--timeout-stop"),
+    (["--watchdog-sec", "30d"], "--watchdog-sec"),
+    (["--trigger-limit-interval", "infinity"], "--trigger-limit-interval"),
+    (["--start-limit-interval", "infinity"], "--start-limit-interval"),
+    (["--restart-sec", "infinity"], "--restart-sec"),
+    (["--umask", "1777"], "--umask"),
+    (["--socket-mode", "17777"], "--socket-mode"),
+    (["--backlog", "2147483648"], "--backlog"),
+    (["--kill-mode", "mixd"], "did you mean 'mixed'?"),
+])
+def test_run_rejects_values_the_engine_cannot_apply(args, needle):
+    """The same bounds as TOML's: what run accepts, the engine can run (issue #10)."""
+    code, err, _ = cli("run", *args, "-l", f"127.0.0.1:{free_port()}", "--", "true")
+    assert_user_error(code, err, 2, needle)
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_stale_listen_fds_is_one_line_not_a_traceback(command, tmp_path):
+    """LISTEN_PID is ours but LISTEN_FDS counts descriptors that are not open (a stale environment)."""
+    config = write(tmp_path, "u.toml", GOOD.format(port=free_port()))
+    args = ["serve", str(config)] if command == "serve" else ["run", "-l", f"127.0.0.1:{free_port()}", "--", "true"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    proc = subprocess.run(["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=40 exec "$@"', "sh", sys.executable, "-m",
+                           "activator", *args], capture_output=True, text=True, timeout=20, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert_user_error(proc.returncode, proc.stderr, 1, "invalid socket-activation environment", "LISTEN_FDS")
 
 
 # ------------------------------------------------------------------ runtime errors: exit 1
@@ -114,10 +144,11 @@ def test_parent_is_a_file(tmp_path):
     ("--group", "99999999999999999999", "99999999999999999999"),
 ])
 def test_unknown_user_or_group_before_binding(option, value, needle, tmp_path):
+    """Checked by the same parser as TOML's user/group keys: a bad option value, so a usage error (exit 2)."""
     port = free_port()
     path = tmp_path / "u.sock"
     code, err, _ = cli("run", option, value, "-l", f"127.0.0.1:{port}", "-l", path, "--", "true")
-    assert_user_error(code, err, 1, needle)
+    assert_user_error(code, err, 2, needle, option)
     assert "listening" not in err
     assert port_free(port) and not path.exists()
 

@@ -1,6 +1,7 @@
 """TOML unit files: every key maps to what it says, every mistake is one clear line (no traceback)."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -133,7 +134,6 @@ def test_service_keys(tmp_path):
         FROM_FILE=plain value  
         QUOTED="a \\"quoted\\" value"
         SINGLE='it''s'
-        export EXPORTED=yes
         CONT=one \\
         two
         OVERRIDE=from-file
@@ -144,8 +144,6 @@ def test_service_keys(tmp_path):
         socket.max-connections = 5
         socket.trigger-limit-interval-sec = "500ms"
         socket.trigger-limit-burst = 3
-        socket.ip-address-allow = ["localhost", "192.0.2.0/24"]
-        socket.ip-address-deny = "any"
         start-limit-burst = 7
         [svc.service]
         exec-start = "sh -c 'echo \\"hi there\\"' arg"
@@ -172,7 +170,7 @@ def test_service_keys(tmp_path):
     assert svc.argv == ["sh", "-c", 'echo "hi there"', "arg"]
     assert svc.environment == {
         "A": "1", "B": "2", "OVERRIDE": "from-file", "FROM_FILE": "plain value", "QUOTED": 'a "quoted" value',
-        "SINGLE": "its", "EXPORTED": "yes", "CONT": "one two",
+        "SINGLE": "its", "CONT": "one two",
     }
     assert svc.working_directory == str(tmp_path)
     assert (svc.restart, svc.restart_sec, svc.start_limit_interval, svc.start_limit_burst) == ("always", 90.0, 20.0, 7)
@@ -182,7 +180,27 @@ def test_service_keys(tmp_path):
     assert svc.file_descriptor_store_max == 4 and svc.umask == 0o027
     assert (svc.user, svc.group) == ("root", "0")
     assert unit.max_connections == 5 and unit.trigger_limit_interval == 0.5 and unit.trigger_limit_burst == 3
+
+
+def test_ip_address_rules_apply_to_accept_units_only(tmp_path):
+    [unit] = load(tmp_path, """
+        [echo]
+        socket.listen-stream = "127.0.0.1:9"
+        socket.accept = true
+        socket.ip-address-allow = ["localhost", "192.0.2.0/24"]
+        socket.ip-address-deny = "any"
+        service.exec-start = "cat"
+    """)
     assert unit.ip_address_allow == ["localhost", "192.0.2.0/24"] and unit.ip_address_deny == ["any"]
+    # With accept = false the daemon accepts by itself: a rule activator cannot apply is an error, not ignored.
+    msgs = errors(tmp_path, """
+        [web]
+        socket.listen-stream = "127.0.0.1:9"
+        socket.ip-address-deny = "any"
+        service.exec-start = "httpd"
+    """)
+    assert msgs == [f"{tmp_path / 'units.toml'}: web: socket.ip-address-deny: only applies to accept = true units "
+                    "and proxy units (with accept = false the daemon accepts its connections itself)"]
 
 
 @pytest.mark.parametrize("value, expected", [('"SIGHUP"', signal.SIGHUP), ('"hup"', signal.SIGHUP),
@@ -352,11 +370,117 @@ def test_structural_errors(tmp_path):
         "dgram-accept: socket.accept: accept = true needs stream",
         "inetd-without-accept: service.standard-input: 'socket' needs accept = true",
         "dup: socket.listen-stream: address 127.0.0.1:1 is already used by unit noservice",
-        "bad name: invalid unit name",
+        "'bad name': invalid unit name",  # quoted: a name must not be able to forge a line
         "arr: socket[2].max-connections: conflicts with socket[1].max-connections",
         "arr: service.exec-start: empty command",
     ]:
         assert needle in text, (needle, msgs)
+
+
+# ------------------------------------------------------------------ values: what check accepts, serve can run (#10)
+UNIT = '[u]\nsocket.listen-stream = "127.0.0.1:9"\nservice.exec-start = ["true"]\n'
+
+
+@pytest.mark.parametrize("line, key, needle", [
+    ('service.umask = "1777"', "service.umask", "out of range (0000..0777"),
+    ("service.umask = 0o1777", "service.umask", "out of range (0000..0777"),
+    ('socket.socket-mode = "17777"', "socket.socket-mode", "out of range (0000..7777"),
+    ("socket.socket-mode = 0o17777", "socket.socket-mode", "out of range (0000..7777"),
+    ('service.watchdog-sec = "30d"', "service.watchdog-sec", "too long (at most 24d"),
+    ('service.timeout-stop-sec = "30d"', "service.timeout-stop-sec", "too long (at most 24d or \"infinity\")"),
+    ("service.timeout-stop-sec = 1e300", "service.timeout-stop-sec", "too long"),
+    (f'service.timeout-stop-sec = "{"9" * 400}s"', "service.timeout-stop-sec", "out of range"),
+    ('service.restart-sec = "infinity"', "service.restart-sec", "infinity is not accepted here"),
+    ('service.start-limit-interval-sec = "infinity"', "service.start-limit-interval-sec", "infinity is not accepted"),
+    ('start-limit-interval-sec = "infinity"', "start-limit-interval-sec", "infinity is not accepted"),
+    ('socket.trigger-limit-interval-sec = "infinity"', "socket.trigger-limit-interval-sec", "write 0 to turn"),
+    ('service.environment = { A = "a\\u0000b" }', "service.environment", "contains a NUL character"),
+    ('service.environment = ["A=a\\u0000b"]', "service.environment", "contains a NUL character"),
+    ('service.environment = { "A\\n" = "x" }', "service.environment", "invalid variable name 'A\\n'"),
+    ('service.working-directory = "/tmp\\u0000x"', "service.working-directory", "contains a NUL character"),
+    ('service.supplementary-groups = ["ro\\u0000ot"]', "service.supplementary-groups", "NUL"),
+    ('socket.ip-address-deny = "any"', "socket.ip-address-deny", "only applies to accept = true units"),
+])
+def test_toml_values_check_accepts_are_values_serve_can_run(tmp_path, line, key, needle):
+    msgs = errors(tmp_path, UNIT + line + "\n")
+    assert len(msgs) == 1 and msgs[0].startswith(f"{tmp_path / 'units.toml'}: u: {key}: "), msgs
+    assert needle in msgs[0] and "\n" not in msgs[0], msgs
+
+
+@pytest.mark.parametrize("exec_start", ['["a\\u0000b"]', '"a\\u0000b"', '["true", "x\\u0000"]'])
+def test_nul_in_the_command_is_an_error_at_load(tmp_path, exec_start):
+    msgs = errors(tmp_path, f'[u]\nsocket.listen-stream = "127.0.0.1:9"\nservice.exec-start = {exec_start}\n')
+    assert msgs == [f"{tmp_path / 'units.toml'}: u: service.exec-start: {msgs[0].split(': ', 3)[3]}"]
+    assert "NUL" in msgs[0]
+
+
+@pytest.mark.parametrize("line, attr, expected", [
+    ('service.timeout-stop-sec = "infinity"', "timeout_stop", math.inf),
+    ("service.timeout-stop-sec = 0", "timeout_stop", math.inf),  # systemd: 0 turns the timeout off
+    ('service.timeout-start-sec = "infinity"', "timeout_start", math.inf),
+    ('service.timeout-stop-sec = "24d"', "timeout_stop", 24 * 86400.0),
+    ('service.watchdog-sec = "infinity"', "watchdog_sec", 0.0),  # systemd: no watchdog
+    ('service.umask = "0777"', "umask", 0o777),
+    ("service.umask = 0o027", "umask", 0o027),
+])
+def test_bounded_values_that_are_accepted(tmp_path, line, attr, expected):
+    path = tmp_path / "units.toml"
+    path.write_text(UNIT + line + "\n")
+    [unit] = load_units([str(path)])
+    assert getattr(unit.service, attr) == expected
+
+
+
+def test_deep_nesting_is_a_toml_error_not_a_recursion_error(tmp_path):
+    f = write(tmp_path / "deep.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_units([str(f)])
+    assert info.value.messages == [f"{f}: TOML syntax error: arrays or tables nested too deeply"]
+    r = cli("check", f)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_unit_names_are_whole_matches_and_quoted_when_invalid(tmp_path):
+    msgs = errors(tmp_path, """
+        ["web\\n"]
+        socket.listen-stream = "127.0.0.1:1"
+        service.exec-start = "x"
+        ["fake: line\\nactivator: error: injected"]
+        socket.listen-stream = "127.0.0.1:2"
+        service.exec-start = "x"
+    """)
+    f = tmp_path / "units.toml"
+    assert msgs == [f"{f}: 'web\\n': invalid unit name: use letters, digits and '_', '.', '@', '-' only "
+                    "(at most 255 characters)",
+                    f"{f}: 'fake: line\\nactivator: error: injected': invalid unit name: use letters, digits and "
+                    "'_', '.', '@', '-' only (at most 255 characters)"]
+    assert all("\n" not in m for m in msgs)
+
+
+def test_unknown_keys_and_values_are_echoed_quoted_and_bounded(tmp_path):
+    msgs = errors(tmp_path, f"""
+        [u]
+        socket.listen-stream = "127.0.0.1:1"
+        socket."bad\\nkey" = 1
+        service.exec-start = "x"
+        service.restart = "{'x' * 5000}"
+    """)
+    assert len(msgs) == 2 and all("\n" not in m and len(m) < 400 for m in msgs), msgs
+    assert "socket.'bad\\nkey': unknown key" in msgs[0]
+
+
+def test_config_files_are_regular_and_bounded(tmp_path):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.toml"
+    with open(huge, "w") as f:
+        line = "# " + "x" * 1021 + "\n"
+        for _ in range(17 * 1024):
+            f.write(line)
+    r = cli("check", fifo, huge)  # a FIFO must not hang check (the 30 s timeout of cli() would fail the test)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{fifo}: cannot read: not a regular file" in r.stderr
+    assert f"{huge}: cannot read: larger than 16 MiB" in r.stderr
 
 
 def test_check_cli_reports_errors_one_per_line_without_traceback(tmp_path):

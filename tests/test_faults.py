@@ -259,10 +259,10 @@ def test_accept_instance_sigkilled_mid_connection(activator):
     a = activator("run", "-v", "-a", "--inetd", "--max-connections-per-source", "1", "-l", f"127.0.0.1:{port}",
                   "--", "cat")
     a.wait_listening()
+    base = fd_count(a.pid)  # before: once cat echoes, activator may not have closed its copy of the connection yet
     c = socket.create_connection(("127.0.0.1", port), timeout=10)
     c.sendall(b"x")
     assert c.recv(1) == b"x"
-    base = fd_count(a.pid)
     (pid,) = children(a.pid)
     os.kill(pid, signal.SIGKILL)
     a.wait_log(rf"pid {pid} killed by signal SIGKILL")

@@ -433,11 +433,17 @@ def daemon_records(report: Path) -> list[dict]:
 
 @pytest.mark.parametrize("address", ["{tmp}/same.sock", "@activator-test-{pid}"])
 def test_an_address_twice_is_ours_in_use_never_probed(activator, tmp_path, address):
-    """The second socket finds the first one's inode (or name) held by activator: no probe, no connection."""
+    """The second socket finds the first one's inode (or name) held by activator: no probe, no connection.
+    (`run -l X -l X` and TOML refuse the same address twice before binding; sockets.py must hold on its own.)"""
+    from activator.addresses import parse_address
+    from activator.sockets import BindError, open_all
+    from activator.units import BindSpec
+
     address = address.format(tmp=tmp_path, pid=os.getpid())
-    a = activator("run", "-l", address, "-l", address, "--", "true")
-    refused(a, address, re.escape("in use by activator itself (another of its sockets holds it"))
-    assert "listening on it" not in a.log
+    with pytest.raises(BindError) as info:
+        open_all([BindSpec(parse_address(address)), BindSpec(parse_address(address))])
+    assert any("in use by activator itself (another of its sockets holds it" in m for m in info.value.messages)
+    assert not any("listening on it" in m for m in info.value.messages)
     assert not os.path.lexists(address) or address.startswith("@")  # all or nothing: ours removed again
 
 
@@ -509,11 +515,11 @@ def test_reload_changing_the_type_at_the_same_path_takes_it_over(activator, tmp_
 
 # ------------------------------------------------------------------ socket-mode left to the umask
 def test_socket_mode_none_is_what_bind_gives_under_the_umask(tmp_path):
-    """ListenSpec(socket_mode=None), for `activator run`: 0777 & ~umask, as bind() itself creates it."""
+    """BindSpec(socket_mode=None), for `activator run`: 0777 & ~umask, as bind() itself creates it."""
     path = tmp_path / "u.sock"
-    code = ("import os, sys; from activator.addresses import parse_address; from activator.units import ListenSpec; "
+    code = ("import os, sys; from activator.addresses import parse_address; from activator.units import BindSpec; "
             "from activator.sockets import open_socket; os.umask(0o027); "
-            f"b = open_socket(ListenSpec(parse_address({str(path)!r}), socket_mode=None)); "
+            f"b = open_socket(BindSpec(parse_address({str(path)!r}), socket_mode=None)); "
             "print(oct(os.lstat(sys.argv[1]).st_mode & 0o7777)); b.close(remove_file=True)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
@@ -521,7 +527,6 @@ def test_socket_mode_none_is_what_bind_gives_under_the_umask(tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.xfail(strict=False, reason="cli passes socket_mode=None for `run` (integration pending)")
 def test_run_socket_follows_the_umask(activator, tmp_path):
     path = tmp_path / "run.sock"
     a = activator("run", "-l", path, "--", "true", preexec_fn=lambda: os.umask(0o077))

@@ -16,7 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from activator import config as _config
+from activator import settings as _settings
 from activator.addresses import Address, AddressError, parse_address
+from activator.values import Invalid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,24 +82,10 @@ def test_parse_address_arbitrary_bytes_decoded(data):
 
 
 # ------------------------------------------------------------------ TOML documents
-try:
-    from activator import config as _config
-except ImportError:  # pragma: no cover - written alongside
-    _config = None
-
-KNOWN_SOCKET = sorted(set(getattr(_config, "ALL_SOCKET_KEYS", ())) | {
-    "listen-stream", "listen-datagram", "listen-sequential-packet", "accept", "file-descriptor-name", "backlog",
-    "bind-ipv6-only", "reuse-port", "free-bind", "keep-alive", "no-delay", "receive-buffer", "send-buffer",
-    "socket-mode", "socket-user", "socket-group", "directory-mode", "remove-on-stop", "max-connections",
-    "max-connections-per-source", "trigger-limit-interval-sec", "trigger-limit-burst", "ip-address-allow",
-    "ip-address-deny",
-})
-KNOWN_SERVICE = sorted(set(getattr(_config, "ALL_SERVICE_KEYS", ())) | {
-    "exec-start", "environment", "environment-file", "working-directory", "user", "group", "restart",
-    "restart-sec", "start-limit-interval-sec", "start-limit-burst", "timeout-stop-sec", "kill-signal", "kill-mode",
-    "standard-input", "standard-output",
-})
-KNOWN_UNIT = ["description", "socket", "service", "start-limit-interval-sec", "start-limit-burst"]
+# The keys come from the settings registry.
+KNOWN_SOCKET = sorted(_config.SOCKET_KEYS)
+KNOWN_SERVICE = sorted(_config.SERVICE_KEYS)
+KNOWN_UNIT = sorted(_config.UNIT_KEYS)
 
 _bare_key = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
 _any_key = st.one_of(_bare_key, st.text(max_size=12))
@@ -106,6 +95,7 @@ _words = st.sampled_from([
     "control-group", "mixed", "process", "null", "socket", "inherit", "journal", "infinity", "100ms", "1min 30s",
     "-5s", "0755", "0o600", "777", "rwx", "localhost", "any", "link-local", "192.0.2.0/24", "::1/128", "1.2.3.4/33",
     "true", "cat", "/bin/true", "²", "٣", "SIG²", "１０", "sh -c 'echo hi'", "'unterminated", "64K", "1G", "both", "ipv6-only", "",
+    "24d", "24d 1s", "30d", "0o7777", "1777", "a\x00b", "A=a\x00b", "exec", "none", "notify", "٣s", "99999999999999999999y",
 ])
 _scalar = st.one_of(
     _words,
@@ -275,6 +265,28 @@ _plausible_unit = st.fixed_dictionaries({
                                      "environment", "standard-input", "kill-mode")},
     ),
 })
+
+
+@PROPERTY
+@given(st.sampled_from(_settings.SETTINGS), _value)
+def test_every_setting_parses_or_says_why_in_one_line(setting, value):
+    """Any TOML value into any setting's parser: a value within its bounds, or Invalid with one short line."""
+    try:
+        parsed = setting.parse(value)
+    except Invalid as exc:
+        message = str(exc)
+        assert message and "\n" not in message and len(message) < 500, message
+        return
+    if setting.parse.kind == "time":
+        assert parsed == math.inf or 0 <= parsed <= 24 * 86400
+    if setting.parse.kind == "mode":
+        assert 0 <= parsed <= setting.parse.maximum
+    if isinstance(parsed, str):
+        assert "\0" not in parsed
+    if isinstance(parsed, list):
+        assert all("\0" not in item for item in parsed if isinstance(item, str))
+    if isinstance(parsed, dict):
+        assert all("\0" not in k + val for k, val in parsed.items())
 
 
 @PROPERTY

@@ -26,7 +26,7 @@ import pytest
 
 from activator.addresses import parse_address
 from activator.sockets import apply_live_options, needs_new_socket, open_socket
-from activator.units import ListenSpec
+from activator.units import BindSpec
 from conftest import DAEMONS, free_port, require, wait_for
 
 SOCKOPTS = str(DAEMONS / "sockopts.py")
@@ -240,8 +240,8 @@ def test_reload_applies_changed_options_to_the_kept_socket(activator, tmp_path, 
 
 # ------------------------------------------------------------------ the reload primitives themselves
 # What the engine calls during an all-or-nothing reload, on real sockets in this process.
-def spec(address: str, **kw) -> ListenSpec:
-    return ListenSpec(parse_address(address), **kw)
+def spec(address: str, **kw) -> BindSpec:
+    return BindSpec(parse_address(address), **kw)
 
 
 def connect_type(path: Path, sock_type: int) -> str:
