@@ -537,11 +537,15 @@ class Proxy:
             return
         self._arm_deadline(pu)
         if us.main_pid is None or us.forced:  # not running, or on its way out
-            if us.has_processes() or us.restart_pending:
-                return  # idle() or started() comes back here
-            if not self.engine.start_unit(us) and not us.has_processes():
+            if us.has_processes() or us.restart_pending or pu.retry_timer is not None:
+                return  # idle(), started() or the retry comes back here
+            if self.engine.start_unit(us) or us.has_processes():
+                return  # started() tried the backend already
+            if us.paused_until and not self.engine.stopping:  # start-limit: wait for the end of the pause
+                pu.retry_timer = self.engine.loop.call_at(us.paused_until, partial(self._retry, pu), us)
+            else:
                 self._give_up(pu, None if self.engine.stopping else "the service cannot be started now")
-            return  # started() tried the backend already
+            return
         if us.unit.service.type == "notify" and not pu.ready:
             return
         if pu.probing or pu.retry_timer is not None:
