@@ -51,12 +51,13 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from .loop import TimerHandle, cancel
 
+_relay: Any  # the C data path (optional: built when a C compiler was there)
 try:
-    from . import _relay  # type: ignore[attr-defined]  # the C data path (optional)
+    from . import _relay  # type: ignore[attr-defined, no-redef]
 except ImportError:
     _relay = None
 
@@ -168,6 +169,10 @@ class Flow:
     @property
     def readable(self) -> bool:
         return not self.eof and not self.pending
+
+    @property
+    def cap(self) -> int:
+        return PIPE_SIZE if self.pipe is not None else BUFFER_SIZE
 
     def fill(self) -> int:
         """Read what src has (only when nothing is pending): the count, 0 at EOF; BlockingIOError when none."""
@@ -308,7 +313,7 @@ class Relay:
                 flow.eof = True
                 self._pass_eof(flow)
                 return
-            if not flow.drain() or n < PIPE_SIZE:
+            if not flow.drain() or n < flow.cap:
                 return  # the receiver is full, or the sender had no more for now
 
     def _flush(self, flow: Flow) -> None:
