@@ -10,21 +10,27 @@
  * engine's loop costs about twice the CPU of systemd-socket-proxyd per request; here a
  * request costs one epoll_wait and two splices, and no Python at all.
  *
- * new(pipe_size) -> handle            a relay (epoll set, two eventfds), not running yet
- * run(handle)                         the loop; releases the GIL; returns after stop()
- * stop(handle)                        ask run() to return (from another thread)
- * add(handle, cfd, bfd, id)           relay between two connected non-blocking sockets;
- *                                     the descriptors are the relay's from then on (closed
- *                                     on an error; the end is reported by ended() as usual)
- * fileno(handle) -> int               an eventfd, readable when connections have ended
- * ended(handle) -> [(id, errno), ...] the connections ended since the last call (0: cleanly)
- * close(handle)                       after run() returned: close every connection left
+ * new(pipe_size) -> handle   a relay (epoll set, two eventfds), not running yet
+ * run(handle)                the loop; releases the GIL; returns after stop()
+ * stop(handle)               ask run() to return (from another thread)
+ * add(handle, cfd, bfd, id, notify)
+ *                            relay between a client socket and a connected non-blocking
+ *                            backend socket; both are the relay's from then on (closed on
+ *                            an error, which ends the connection as any other end). The
+ *                            client socket is made non-blocking, with TCP_NODELAY for TCP.
+ *                            With notify, its end makes fileno() readable.
+ * fileno(handle) -> int      an eventfd, readable when a connection added with notify ended
+ * ended(handle, ack) -> [(id, errno), ...]
+ *                            the connections ended since the last call (errno 0: cleanly);
+ *                            ack: also reset the eventfd (the caller was woken by it)
+ * close(handle)              after run() returned: close every connection left
  *
  * add() runs in the caller's thread: it passes on what the client has sent already (most
  * often the whole request, so that the loop's thread is not woken for it) and registers both
  * sockets, holding the connection's own mutex, which the loop takes to handle an event of
- * that connection; from then on the connection is the loop's. A second mutex guards the list
- * of connections and the list of ended ones, held only to link, unlink, push or take. The
+ * that connection; from then on the connection is the loop's. A second mutex guards what
+ * both threads touch: the list of connections, the list of ended ones and the pool of empty
+ * pipes (creating a pipe and sizing it costs four system calls, closing it two more). The
  * loop never takes the GIL.
  */
 #define _GNU_SOURCE
@@ -34,6 +40,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -41,6 +49,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -48,6 +57,7 @@
 #define ROUNDS 4          /* reads per event and direction: a busy connection yields to the others */
 #define MAX_EVENTS 256
 #define BUFFER_SIZE 65536 /* the copy fallback's buffer, per direction */
+#define POOL_MAX 64       /* empty pipes kept for the next connections (two descriptors each) */
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 
 typedef struct flow {
@@ -63,6 +73,7 @@ typedef struct conn {
     int cfd, bfd;
     uint32_t cmask, bmask; /* what each socket is registered for (0: not registered) */
     flow up, down;         /* client -> backend, backend -> client */
+    int notify;            /* its end wakes Python */
     int dead;              /* ended in this batch: its later events in the batch are stale */
     int registered_once;   /* a socket of it has been in the epoll set */
     pthread_mutex_t lock;  /* held by add() while it registers, by the loop while it handles an event */
@@ -77,53 +88,90 @@ typedef struct ended_item {
 typedef struct relay {
     int ep, wake, done;   /* epoll set; eventfd that wakes the loop (stop); eventfd for Python */
     size_t pipe_size;
-    pthread_mutex_t lock;
-    conn *all;            /* every connection (guarded by lock) */
-    conn *zombies;        /* ended in add() once registered: the loop frees them (guarded by lock) */
+    pthread_mutex_t lock; /* guards all, zombies, ended and pool */
+    conn *all;            /* every connection */
+    conn *zombies;        /* ended in add() once registered: the loop frees them */
     ended_item *ended;
     size_t n_ended, cap_ended;
+    int pool[POOL_MAX][3]; /* read end, write end, capacity */
+    size_t n_pool;
     volatile int stopping;
     int running;
 } relay;
 
+/* ------------------------------------------------------------------ pipes */
+static int pipe_get(relay *r, int p[2], size_t *cap) {
+    int size = 0;
+    pthread_mutex_lock(&r->lock);
+    if (r->n_pool > 0) {
+        r->n_pool--;
+        p[0] = r->pool[r->n_pool][0];
+        p[1] = r->pool[r->n_pool][1];
+        size = r->pool[r->n_pool][2];
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (!size) {
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+            return -1;
+        size = fcntl(p[1], F_SETPIPE_SZ, (int)r->pipe_size);
+        if (size < 0)  /* over the user's pipe quota: the default size works too, in more steps */
+            size = fcntl(p[1], F_GETPIPE_SZ);
+        if (size <= 0)
+            size = 65536;
+    }
+    *cap = (size_t)size;
+    return 0;
+}
+
+/* An empty pipe goes back to the pool (while there is room), any other is closed. */
+static void pipe_put(relay *r, int pr, int pw, size_t cap, int empty) {
+    if (empty) {
+        pthread_mutex_lock(&r->lock);
+        int kept = r->n_pool < POOL_MAX;
+        if (kept) {
+            r->pool[r->n_pool][0] = pr;
+            r->pool[r->n_pool][1] = pw;
+            r->pool[r->n_pool][2] = (int)cap;
+            r->n_pool++;
+        }
+        pthread_mutex_unlock(&r->lock);
+        if (kept)
+            return;
+    }
+    close(pr);
+    close(pw);
+}
+
 /* ------------------------------------------------------------------ one flow */
-static int to_copy_mode(flow *f) {
+static int to_copy_mode(relay *r, flow *f) {
     char *buf = malloc(BUFFER_SIZE);
     if (!buf)
         return ENOMEM;
-    if (f->pipe_r >= 0) {
-        close(f->pipe_r);
-        close(f->pipe_w);
-    }
+    if (f->pipe_r >= 0)
+        pipe_put(r, f->pipe_r, f->pipe_w, f->cap, !f->pending);
     f->pipe_r = f->pipe_w = -1;
     f->buf = buf;
     f->cap = BUFFER_SIZE;
     return 0;
 }
 
-static int flow_init(flow *f, int src, int dst, size_t pipe_size) {
+static int flow_init(relay *r, flow *f, int src, int dst) {
     int p[2];
     memset(f, 0, sizeof *f);
     f->src = src;
     f->dst = dst;
     f->pipe_r = f->pipe_w = -1;
-    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) == 0) {
+    if (pipe_get(r, p, &f->cap) == 0) {
         f->pipe_r = p[0];
         f->pipe_w = p[1];
-        int size = fcntl(p[1], F_SETPIPE_SZ, (int)pipe_size);
-        if (size < 0)  /* over the user's pipe quota: the default size works too, in more steps */
-            size = fcntl(p[1], F_GETPIPE_SZ);
-        f->cap = size > 0 ? (size_t)size : 65536;
         return 0;
     }
-    return to_copy_mode(f);  /* no descriptor for a pipe: copy */
+    return to_copy_mode(r, f);  /* no descriptor for a pipe: copy */
 }
 
-static void flow_free(flow *f) {
-    if (f->pipe_r >= 0) {
-        close(f->pipe_r);
-        close(f->pipe_w);
-    }
+static void flow_free(relay *r, flow *f) {
+    if (f->pipe_r >= 0)
+        pipe_put(r, f->pipe_r, f->pipe_w, f->cap, !f->pending);
     free(f->buf);
     f->pipe_r = f->pipe_w = -1;
     f->buf = NULL;
@@ -132,17 +180,17 @@ static void flow_free(flow *f) {
 static int readable(const flow *f) { return !f->eof && !f->pending; }
 
 /* Read what src has (nothing is pending): > 0 bytes, 0 EOF, -1 with errno (EAGAIN: nothing). */
-static ssize_t fill(flow *f) {
+static ssize_t fill(relay *r, flow *f) {
     ssize_t n;
     if (f->pipe_r >= 0) {
         n = splice(f->src, NULL, f->pipe_w, NULL, f->cap, SPLICE_FLAGS);
         if (n < 0 && errno == EINVAL) {  /* this socket type cannot splice */
-            int err = to_copy_mode(f);
+            int err = to_copy_mode(r, f);
             if (err) {
                 errno = err;
                 return -1;
             }
-            return fill(f);
+            return fill(r, f);
         }
     } else {
         n = read(f->src, f->buf, f->cap);
@@ -174,21 +222,25 @@ static int drain(flow *f) {
     return 0;
 }
 
-static int pass_eof(flow *f) {
+/* src's FIN, once everything before it is written: passed on, except when the other direction
+   is done already: then the connection ends, and close() sends the FIN (one call fewer). */
+static int pass_eof(flow *f, const flow *other) {
     if (f->pending || f->shut)
         return 0;
     f->shut = 1;
+    if (other->shut)
+        return 0;
     return shutdown(f->dst, SHUT_WR) < 0 ? errno : 0;
 }
 
-static int pump(flow *f) {
+static int pump(relay *r, flow *f, const flow *other) {
     for (int i = 0; i < ROUNDS; i++) {
-        ssize_t n = fill(f);
+        ssize_t n = fill(r, f);
         if (n < 0)
             return (errno == EAGAIN || errno == EINTR) ? 0 : errno;
         if (n == 0) {
             f->eof = 1;
-            return pass_eof(f);
+            return pass_eof(f, other);
         }
         int err = drain(f);
         if (err)
@@ -199,11 +251,11 @@ static int pump(flow *f) {
     return 0;
 }
 
-static int flush(flow *f) {
+static int flush(relay *r, flow *f, const flow *other) {
     int err = drain(f);
     if (err)
         return err == EAGAIN ? 0 : err;
-    return f->eof ? pass_eof(f) : pump(f);  /* it has most likely sent more while we waited */
+    return f->eof ? pass_eof(f, other) : pump(r, f, other);  /* it has most likely sent more meanwhile */
 }
 
 /* ------------------------------------------------------------ one connection */
@@ -245,12 +297,14 @@ static void finish(relay *r, conn *c, int err, int record) {
         set_reset(c->cfd);
         set_reset(c->bfd);
     }
+    /* Unregistered before the close: a child between fork and exec may hold a copy of the
+       descriptor, which would keep it in the set with a pointer to freed memory. */
     if (c->cmask)
         epoll_ctl(r->ep, EPOLL_CTL_DEL, c->cfd, NULL);
     if (c->bmask)
         epoll_ctl(r->ep, EPOLL_CTL_DEL, c->bfd, NULL);
-    flow_free(&c->up);
-    flow_free(&c->down);
+    flow_free(r, &c->up);
+    flow_free(r, &c->down);
     close(c->cfd);
     close(c->bfd);
     pthread_mutex_lock(&r->lock);
@@ -289,9 +343,9 @@ static void on_event(relay *r, conn *c, int backend_side, uint32_t events) {
     flow *writing = backend_side ? &c->up : &c->down;  /* writes to it */
     int err = 0;
     if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && writing->pending)
-        err = flush(writing);
+        err = flush(r, writing, reading);
     if (!err && (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && readable(reading))
-        err = pump(reading);
+        err = pump(r, reading, writing);
     if (!err && c->up.shut && c->down.shut) {
         finish(r, c, 0, 1);
         return;
@@ -300,6 +354,11 @@ static void on_event(relay *r, conn *c, int backend_side, uint32_t events) {
         err = update(r, c);
     if (err)
         finish(r, c, err, 1);
+}
+
+static void wake_python(relay *r) {
+    uint64_t one = 1;
+    if (write(r->done, &one, sizeof one) < 0) { /* EAGAIN: the counter is full, Python is told already */ }
 }
 
 /* ------------------------------------------------------------ Python API */
@@ -326,6 +385,11 @@ static void close_all(relay *r) {
         conn *c = r->zombies;
         r->zombies = c->next;
         free_conn(c);
+    }
+    while (r->n_pool) {
+        r->n_pool--;
+        close(r->pool[r->n_pool][0]);
+        close(r->pool[r->n_pool][1]);
     }
     close(r->ep);
     close(r->wake);
@@ -395,6 +459,7 @@ static PyObject *relay_run(PyObject *self, PyObject *capsule) {
             break;
         }
         conn *graveyard = NULL;  /* ended in this batch */
+        int tell = 0;
         for (int i = 0; i < n; i++) {
             uint64_t tag = events[i].data.u64;
             if (!tag) {  /* stop() */
@@ -409,11 +474,16 @@ static PyObject *relay_run(PyObject *self, PyObject *capsule) {
                 on_event(r, c, (int)(tag & 1), events[i].events);
             pthread_mutex_unlock(&c->lock);
             if (!was_dead && c->dead) {
+                tell |= c->notify;
                 c->next = graveyard;  /* finish() unlinked it: next is free for this list */
                 graveyard = c;
             }
         }
-        int tell = graveyard != NULL;
+        while (graveyard) {
+            conn *c = graveyard;
+            graveyard = c->next;
+            free_conn(c);
+        }
         pthread_mutex_lock(&r->lock);
         conn *zombies = r->zombies;  /* no event of this batch is left to refer to them */
         r->zombies = NULL;
@@ -423,20 +493,11 @@ static PyObject *relay_run(PyObject *self, PyObject *capsule) {
             zombies = c->next;
             free_conn(c);
         }
-        while (graveyard) {
-            conn *c = graveyard;
-            graveyard = c->next;
-            free_conn(c);
-        }
-        if (tell) {
-            uint64_t one = 1;
-            if (write(r->done, &one, sizeof one) < 0) { /* EAGAIN: the counter is full, Python is told already */ }
-        }
+        if (tell)
+            wake_python(r);
     }
-    if (failure) {  /* wake Python, which finds the thread gone */
-        uint64_t one = 1;
-        if (write(r->done, &one, sizeof one) < 0) { /* nothing more can be done */ }
-    }
+    if (failure)  /* wake Python, which finds the thread gone */
+        wake_python(r);
     Py_END_ALLOW_THREADS
     r->running = 0;
     if (failure) {
@@ -459,26 +520,37 @@ static PyObject *relay_stop(PyObject *self, PyObject *capsule) {
 
 static PyObject *relay_add(PyObject *self, PyObject *args) {
     PyObject *capsule;
-    int cfd, bfd;
+    int cfd, bfd, notify;
     long long id;
-    if (!PyArg_ParseTuple(args, "OiiL", &capsule, &cfd, &bfd, &id))
+    if (!PyArg_ParseTuple(args, "OiiLp", &capsule, &cfd, &bfd, &id, &notify))
         return NULL;
     relay *r = get(capsule);
     if (!r)
         return NULL;
-    conn *c = calloc(1, sizeof *c);
-    if (!c)
-        return PyErr_NoMemory();
-    c->id = id;
-    c->cfd = cfd;
-    c->bfd = bfd;
-    int err = flow_init(&c->up, cfd, bfd, r->pipe_size);
-    if (!err)
-        err = flow_init(&c->down, bfd, cfd, r->pipe_size);
+    int on = 1, domain = 0, err = 0;
+    socklen_t len = sizeof domain;
+    if (ioctl(cfd, FIONBIO, &on) < 0)
+        err = errno;
+    else if (getsockopt(cfd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && (domain == AF_INET || domain == AF_INET6))
+        setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  /* small writes go on as they come */
+    conn *c = err ? NULL : calloc(1, sizeof *c);
+    if (!err && !c)
+        err = ENOMEM;
+    if (c) {
+        c->id = id;
+        c->cfd = cfd;
+        c->bfd = bfd;
+        c->notify = notify;
+        err = flow_init(r, &c->up, cfd, bfd);
+        if (!err)
+            err = flow_init(r, &c->down, bfd, cfd);
+    }
     if (err) {
-        flow_free(&c->up);
-        flow_free(&c->down);
-        free(c);
+        if (c) {
+            flow_free(r, &c->up);
+            flow_free(r, &c->down);
+            free(c);
+        }
         close(cfd);  /* they were given to us */
         close(bfd);
         errno = err;
@@ -493,8 +565,7 @@ static PyObject *relay_add(PyObject *self, PyObject *args) {
     r->all = c;
     pthread_mutex_unlock(&r->lock);
     /* The client has most likely sent its request already: pass it on now rather than after a
-       wake-up of the loop's thread. This also registers both sockets; an error ends the
-       connection, reported through ended() as any other end. */
+       wake-up of the loop's thread. This also registers both sockets. */
     on_event(r, c, 0, EPOLLIN);
     int ended = c->dead, registered = c->registered_once;
     pthread_mutex_unlock(&c->lock);
@@ -507,8 +578,8 @@ static PyObject *relay_add(PyObject *self, PyObject *args) {
         } else {
             free_conn(c);
         }
-        uint64_t one = 1;
-        if (write(r->done, &one, sizeof one) < 0) { /* EAGAIN: Python is told already */ }
+        if (notify)
+            wake_python(r);
     }
     Py_RETURN_NONE;
 }
@@ -518,12 +589,18 @@ static PyObject *relay_fileno(PyObject *self, PyObject *capsule) {
     return r ? PyLong_FromLong(r->done) : NULL;
 }
 
-static PyObject *relay_ended(PyObject *self, PyObject *capsule) {
+static PyObject *relay_ended(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    int ack;
+    if (!PyArg_ParseTuple(args, "Op", &capsule, &ack))
+        return NULL;
     relay *r = get(capsule);
     if (!r)
         return NULL;
-    uint64_t count;
-    if (read(r->done, &count, sizeof count) < 0) { /* EAGAIN: nothing new, or read already */ }
+    if (ack) {
+        uint64_t count;
+        if (read(r->done, &count, sizeof count) < 0) { /* EAGAIN: read already */ }
+    }
     PyObject *list = PyList_New(0);
     if (!list)
         return NULL;
@@ -561,9 +638,10 @@ static PyMethodDef methods[] = {
     {"new", relay_new, METH_VARARGS, "new(pipe_size) -> handle"},
     {"run", relay_run, METH_O, "run(handle): relay until stop(); releases the GIL"},
     {"stop", relay_stop, METH_O, "stop(handle): make run() return"},
-    {"add", relay_add, METH_VARARGS, "add(handle, cfd, bfd, id): relay between two connected sockets (now ours)"},
-    {"fileno", relay_fileno, METH_O, "fileno(handle) -> eventfd readable when connections have ended"},
-    {"ended", relay_ended, METH_O, "ended(handle) -> [(id, errno)] since the last call"},
+    {"add", relay_add, METH_VARARGS,
+     "add(handle, cfd, bfd, id, notify): relay between a client and a connected backend socket (now ours)"},
+    {"fileno", relay_fileno, METH_O, "fileno(handle) -> eventfd readable when a notify connection has ended"},
+    {"ended", relay_ended, METH_VARARGS, "ended(handle, ack) -> [(id, errno)] since the last call"},
     {"close", relay_close, METH_O, "close(handle): close every connection left (after run() returned)"},
     {NULL, NULL, 0, NULL},
 };

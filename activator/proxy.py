@@ -85,12 +85,15 @@ INFINITY = float("inf")
 
 # ====================================================================== data path
 class Relays(Protocol):
-    """Where established connections are relayed; each one ends with ``proxy.relay_ended(id, errno)``."""
+    """Where established connections are relayed; each one ends with ``proxy.relay_ended(id, errno)``:
+    at once with ``notify`` (the unit counts its idle time), else by the next :meth:`collect` at the latest."""
 
-    def add(self, client: socket.socket, backend: socket.socket, rid: int) -> None: ...
+    def add(self, client: Client, backend: socket.socket, rid: int, notify: bool) -> None:
+        """Relay between the two; both descriptors are the relay's from now on (closed on an error, which
+        ends the connection as any other end). The client's socket is made non-blocking."""
 
     def collect(self) -> None:
-        """Report the connections that have ended by now (before a limit refuses one)."""
+        """Report the connections that have ended by now."""
 
     def close(self) -> None: ...
 
@@ -114,15 +117,15 @@ class ThreadedRelays:
         except BaseException as exc:  # noqa: BLE001 - reported by the loop's thread in _on_ended
             self.failure = exc
 
-    def add(self, client: socket.socket, backend: socket.socket, rid: int) -> None:
-        _relay.add(self.handle, client.detach(), backend.detach(), rid)  # the descriptors are the relay's now
+    def add(self, client: Client, backend: socket.socket, rid: int, notify: bool) -> None:
+        _relay.add(self.handle, client.fd, backend.detach(), rid, notify)
 
-    def collect(self) -> None:
-        for rid, err in _relay.ended(self.handle):
+    def collect(self, ack: bool = False) -> None:
+        for rid, err in _relay.ended(self.handle, ack):
             self.proxy.relay_ended(rid, err)
 
     def _on_ended(self) -> None:
-        self.collect()
+        self.collect(ack=True)
         if self.failure is not None:
             exc, self.failure = self.failure, None
             raise RuntimeError(f"the relay thread failed: {exc!r}")  # outside any unit: activator stops
@@ -225,8 +228,17 @@ class LoopRelays:
         self.relays: set[Relay] = set()
         proxy.engine.loop.add_reader(self.ep.fileno(), self._on_events)
 
-    def add(self, client: socket.socket, backend: socket.socket, rid: int) -> None:
-        relay = Relay(self, client, backend, rid)
+    def add(self, client: Client, backend: socket.socket, rid: int, notify: bool) -> None:
+        sock = socket.socket(client.family, socket.SOCK_STREAM, 0, fileno=client.fd)
+        try:
+            sock.setblocking(False)
+            if client.family in IP_FAMILIES:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small writes go on as they come
+        except OSError:
+            sock.close()
+            backend.close()
+            raise
+        relay = Relay(self, sock, backend, rid)
         self.relays.add(relay)
         relay.on_client(IN)  # the request is most likely there already; this also registers both sockets
 
@@ -369,8 +381,14 @@ class Relay:
 # ====================================================================== connections
 @dataclass(eq=False, slots=True)
 class Client:
-    sock: socket.socket
+    """An accepted connection: its descriptor (no socket object: the C relay takes the number)."""
+
+    fd: int
+    family: int
     addr: str | None  # the peer's IP address (max-connections-per-source), None for local peers
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass(eq=False, slots=True)
@@ -440,26 +458,18 @@ class Proxy:
         pu = self.units.get(us)
         if pu is None:
             return 0
-        if pu.count() >= us.unit.max_connections and self._relays is not None:
-            self._relays.collect()  # connections that ended but whose end the loop has not handled yet do not count
+        if self._relays is not None:
+            self._relays.collect()  # connections that have ended do not count (nor count per source)
         return pu.count()
 
     def connection(self, us: UnitState, fd: int, family: int, addr: str | None) -> None:
         """A connection accepted on a front socket of ``us``; ``fd`` is ours from now on."""
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-        client = Client(sock, addr)
+        client = Client(fd, family, addr)
         pu = self.unit(us)
         if addr is not None:
             us.per_source[addr] = us.per_source.get(addr, 0) + 1
         cancel(pu.idle_timer)
         pu.idle_timer = None
-        try:
-            sock.setblocking(False)
-            if family in IP_FAMILIES:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # pass small writes on as they come
-        except OSError:
-            self._drop(pu, client)
-            return
         if pu.reachable:
             self._dial(pu, client, probe=False)
         else:
@@ -625,12 +635,10 @@ class Proxy:
         self.open[rid] = (pu, client.addr)
         pu.relays.add(rid)
         try:
-            self.relays.add(client.sock, sock, rid)
-        except OSError as exc:  # out of memory or descriptors: this connection cannot be relayed
+            self.relays.add(client, sock, rid, pu.us.unit.service.exit_idle_sec != INFINITY)
+        except OSError as exc:  # out of memory or descriptors: this connection cannot be relayed (and is closed)
             self.log.warning("proxy-relay", f"cannot relay a connection: {exc.strerror or exc}", unit=pu.us.name,
                              collapse_key="relay", collapse_what="connections not relayed")
-            client.sock.close()
-            sock.close()
             self.relay_ended(rid, exc.errno or errno.EIO)
         if probe:
             pu.probing = False
@@ -699,7 +707,7 @@ class Proxy:
             waiting, pu.pending = pu.pending, deque()
             for client in waiting:
                 self._release(pu, client.addr)
-                self.connection(successor, client.sock.detach(), client.sock.family, client.addr)
+                self.connection(successor, client.fd, client.family, client.addr)
         self._give_up(pu, "the unit was removed")
         self._forget(pu)
 
@@ -714,7 +722,7 @@ class Proxy:
 
     def _drop(self, pu: ProxyUnit, client: Client) -> None:
         self._release(pu, client.addr)
-        client.sock.close()
+        client.close()
 
     def relay_ended(self, rid: int, err: int) -> None:
         """A relayed connection is over (``err`` 0: both directions done, else the errno that ended it)."""

@@ -19,7 +19,7 @@ import tempfile
 import time
 import traceback
 
-from . import cdaemons, metrics, report
+from . import cdaemons, metrics, proxy, report
 from .util import raise_nofile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,13 +27,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {
     "full": dict(rounds=5, warmup_s=0.5, batch_s=2.0, batch_max=100000, latency_samples=30, startup_runs=30,
                  idle_s=10.0, scale_n=1000, scale_rounds=5, dispatch_samples=50, hold_n=2000, nbd_size="1G",
-                 nbd_rounds=15),
+                 nbd_rounds=15, proxy_rounds=15, proxy_s=1.0, proxy_bulk=2**30),
     "quick": dict(rounds=3, warmup_s=0.3, batch_s=1.0, batch_max=100000, latency_samples=15, startup_runs=15,
                   idle_s=5.0, scale_n=1000, scale_rounds=3, dispatch_samples=20, hold_n=2000, nbd_size="256M",
-                  nbd_rounds=3),
+                  nbd_rounds=3, proxy_rounds=5, proxy_s=0.5, proxy_bulk=2**28),
     "smoke": dict(rounds=1, warmup_s=0.1, batch_s=0.2, batch_max=300, latency_samples=2, startup_runs=2,
                   idle_s=1.0, scale_n=50, scale_rounds=1, dispatch_samples=2, hold_n=40, nbd_size="16M",
-                  nbd_rounds=1),
+                  nbd_rounds=1, proxy_rounds=1, proxy_s=0.2, proxy_bulk=2**24),
 }
 
 # Every metric key each group produces, so that a group that failed still leaves its entries.
@@ -45,7 +45,9 @@ EXPECTED = {
     "idle": ["idle_wakeups", "idle_rss"],
     "scale": ["scale_startup", "scale_dispatch", "scale_hold_rss"],
     "nbd": ["nbd_throughput"],
+    "proxy": proxy.KEYS,
 }
+GROUPS = [*metrics.ALL, ("proxy", proxy.proxy)]
 
 
 def _first_line(argv) -> str:
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     params = dict(MODES[mode])
     if args.rounds:
-        params["rounds"] = params["scale_rounds"] = params["nbd_rounds"] = args.rounds
+        params["rounds"] = params["scale_rounds"] = params["nbd_rounds"] = params["proxy_rounds"] = args.rounds
     params["force_run"] = args.scale_with_run
     output = args.output or os.path.join(HERE, "results", "smoke.json" if mode == "smoke" else "latest.json")
     groups = args.only or list(EXPECTED)
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
             say(f"bench: error: {exc}")
             return 1
         ctx = metrics.Context(params, tmp, helpers, say)
-        funcs = dict(metrics.ALL)
+        funcs = dict(GROUPS)
         for group in groups:
             say(f"[{group}]")
             g0 = time.monotonic()
