@@ -14,6 +14,7 @@ METRICS = [
     "accept_inetd_seq", "accept_inetd_conc4", "accept_fd3_seq", "accept_fd3_conc4", "first_activation",
     "startup_listen", "startup_help", "startup_version", "idle_wakeups", "idle_rss", "scale_startup",
     "scale_dispatch", "scale_hold_rss", "nbd_throughput",
+    "proxy_throughput", "proxy_rr_1", "proxy_rr_16", "proxy_conn_1", "proxy_conn_16",
 ]
 
 
