@@ -411,6 +411,7 @@ class ProxyUnit:
     relays: set[int] = field(default_factory=set)  # ids of the relayed connections
     reachable: bool = False  # the backend of the current run has accepted a connection
     ready: bool = False  # READY=1 seen for the current run (type = "notify")
+    gave_up: bool = False  # the last run exited by itself, with connections waiting, before it accepted one
     probing: bool = False
     backoff: float = FIRST_RETRY
     retry_timer: TimerHandle | None = None
@@ -481,7 +482,7 @@ class Proxy:
         if us.unit.service.proxy_to is None:
             return
         pu = self.unit(us)
-        pu.reachable = pu.ready = False
+        pu.reachable = pu.ready = pu.gave_up = False
         cancel(pu.retry_timer)
         pu.retry_timer = None
         pu.backoff = FIRST_RETRY
@@ -499,6 +500,9 @@ class Proxy:
         """The daemon's main process ended: relays to it end by themselves, new connections wait."""
         pu = self.units.get(us)
         if pu is not None:
+            # A daemon that fails before it accepts anything is not started again for the connections
+            # that wait (unless restart= says so): they are closed. One we stopped is started again.
+            pu.gave_up = (bool(pu.pending or pu.dials) and not pu.reachable and not us.forced)
             pu.reachable = pu.ready = False
             cancel(pu.idle_timer)
             pu.idle_timer = None
@@ -554,6 +558,10 @@ class Proxy:
         if us.main_pid is None or us.forced:  # not running, or on its way out
             if us.has_processes() or us.restart_pending or pu.retry_timer is not None:
                 return  # idle(), started() or the retry comes back here
+            if pu.gave_up:
+                pu.gave_up = False
+                self._give_up(pu, "the service exited before it accepted a connection")
+                return
             if self.engine.start_unit(us) or us.has_processes():
                 return  # started() tried the backend already
             if us.paused_until and not self.engine.stopping:  # start-limit: wait for the end of the pause

@@ -373,6 +373,20 @@ def test_backend_that_never_listens_closes_clients_after_the_start_timeout(activ
     assert a.stop() == 0
 
 
+def test_a_daemon_that_fails_at_once_closes_the_waiting_clients(activator):
+    port = free_port()
+    a, front = proxy(activator, ["sh", "-c", "exit 3"], f"127.0.0.1:{port}")
+    started = time.monotonic()
+    with connect(("127.0.0.1", front), timeout=20) as c:
+        c.sendall(b"anyone?")
+        assert closed(c)
+    assert time.monotonic() - started < 10  # not the start timeout (90 s): at once
+    record = wait_event(a, "proxy-closed")
+    assert "exited before it accepted a connection" in record["message"]
+    assert len(events(a, "start")) == 1  # not started again for it
+    assert a.stop() == 0
+
+
 def test_notify_backend_is_used_only_after_ready(activator):
     port = free_port()
     a, front = proxy(activator, backend("notify", f"127.0.0.1:{port}"), f"127.0.0.1:{port}", "--type", "notify")
