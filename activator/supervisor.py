@@ -346,7 +346,8 @@ class Engine:
                 self.units[unit.name] = us
                 for fd, b in enumerate(mine, start=3):
                     if b.spec.address is not None:
-                        self.log.info("listen", f"listening on {b.spec.label} as fd {fd}", unit=unit.name)
+                        where = f"proxied to {unit.service.proxy_to}" if unit.proxy else f"as fd {fd}"
+                        self.log.info("listen", f"listening on {b.spec.label} {where}", unit=unit.name)
         self._pending = []
 
     def _setup_signals(self) -> None:
