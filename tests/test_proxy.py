@@ -475,6 +475,40 @@ def test_connections_wait_out_a_start_limit_pause(activator):
     assert a.stop() == 0
 
 
+def test_check_refuses_what_a_proxy_unit_cannot_do(tmp_path):
+    unit = tmp_path / "u.toml"
+    unit.write_text("""
+[accepts]
+socket.listen-stream = "127.0.0.1:9"
+socket.accept = true
+service.exec-start = "cat"
+service.proxy-to = "127.0.0.1:10"
+[datagram]
+socket.listen-datagram = "127.0.0.1:11"
+service.exec-start = "cat"
+service.proxy-to = "127.0.0.1:12"
+[itself]
+socket.listen-stream = "127.0.0.1:13"
+service.exec-start = "cat"
+service.proxy-to = "127.0.0.1:13"
+[nohost]
+socket.listen-stream = "127.0.0.1:14"
+service.exec-start = "cat"
+service.proxy-to = "8080"
+""")
+    out = subprocess.run([PY, "-m", "activator", "check", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 4, lines
+    assert "accepts: socket.accept: a proxy unit (service.proxy-to) accepts its connections itself" in lines[0]
+    assert "datagram: service.proxy-to: relays stream connections" in lines[1]
+    assert "itself: service.proxy-to: 127.0.0.1:13 is the unit's own socket" in lines[2]
+    assert "nohost: service.proxy-to: '8080' has no host" in lines[3]
+    run = subprocess.run([PY, "-m", "activator", "run", "-a", "--proxy-to", "127.0.0.1:10", "-l", "127.0.0.1:9", "--",
+                          "cat"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--accept: a proxy unit" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_exit_idle_needs_a_proxy_unit(activator, tmp_path):
     unit = tmp_path / "u.toml"
     unit.write_text('[u]\nsocket.listen-stream = "127.0.0.1:9"\nservice.exec-start = "cat"\n'
