@@ -509,6 +509,30 @@ service.proxy-to = "8080"
     assert run.returncode == 2 and "--accept: a proxy unit" in run.stderr and "Traceback" not in run.stderr
 
 
+def context_switches(pid: int) -> int:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_idle_means_idle_with_the_relay_thread(activator, relay):
+    """Once the daemon is stopped for idleness, activator and its relay thread sleep: no wake-up at all."""
+    port = free_port()
+    a, front = proxy(activator, backend("echo", f"127.0.0.1:{port}"), f"127.0.0.1:{port}",
+                     "--exit-idle-time", "200ms", relay=relay)
+    for i in range(5):
+        assert exchange(front, b"%d" % i) == b"%d" % i
+    wait_event(a, "exit")
+    before = settled(lambda: context_switches(a.pid))  # the log flushed, everything asleep
+    time.sleep(2)  # the measurement itself: nothing happens for this long
+    assert context_switches(a.pid) == before
+    assert a.stop() == 0
+
+
 def test_exit_idle_needs_a_proxy_unit(activator, tmp_path):
     unit = tmp_path / "u.toml"
     unit.write_text('[u]\nsocket.listen-stream = "127.0.0.1:9"\nservice.exec-start = "cat"\n'
