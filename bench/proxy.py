@@ -140,7 +140,7 @@ def proxy(ctx: Context) -> list[dict]:
     p = ctx.p
     errors: dict[str, str] = {}
     peers, others = _peers(ctx, errors)
-    rates = {key: {peer.name: [] for peer in peers} for key in KEYS}
+    rates: dict[str, dict[str, list[float]]] = {key: {peer.name: [] for peer in peers} for key in KEYS}
     cpu = {key: {peer.name: [0, 0] for peer in peers if peer.measured} for key in KEYS}  # ns, requests
     failures = {key: {peer.name: 0 for peer in peers} for key in KEYS}
     bulk = p["proxy_bulk"]
@@ -152,13 +152,13 @@ def proxy(ctx: Context) -> list[dict]:
             for key, mode, threads, seconds, size in runs:
                 for peer in rotate(peers, rnd):
                     before = cpu_ns(peer.measured.pid) if peer.measured else 0
-                    count, errs, elapsed = pxclient(ctx, peer.port, mode, threads, seconds, size)
+                    count, failed, elapsed = pxclient(ctx, peer.port, mode, threads, seconds, size)
                     if peer.measured:
                         cpu[key][peer.name][0] += cpu_ns(peer.measured.pid) - before
                         cpu[key][peer.name][1] += count if mode != "bulk" else count // 2**20
                     rate = count / elapsed if elapsed > 0 else 0.0
                     rates[key][peer.name].append(rate / 2**20 if mode == "bulk" else rate)
-                    failures[key][peer.name] += errs
+                    failures[key][peer.name] += failed
             ctx.say(f"  round {rnd + 1}/{p['proxy_rounds']}: " + "; ".join(
                 f"{peer.name} {rates['proxy_rr_1'][peer.name][-1]:.0f} rr/s" for peer in peers))
     finally:
