@@ -434,7 +434,8 @@ class NotifyHub:
         if extend is not None and not run.ready and run.start_timer is not None:
             extra = _positive_usec(extend)
             if extra is None:
-                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a positive number of µs", unit=us.name)
+                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a positive number of µs",
+                                 unit=us.name)
             elif self.engine.clock() + extra > run.start_deadline:
                 self._set_start_timer(us, run, self.engine.clock() + extra)
         if message.get("READY") == "1" and not run.ready:

@@ -1065,9 +1065,10 @@ class Engine:
             ok = True
             for spec in unit.sockets:
                 candidates = pool.get(_socket_key(spec), [])
-                b = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
-                if b is not None:
-                    candidates.remove(b)
+                kept = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
+                if kept is not None:
+                    candidates.remove(kept)
+                    b = kept
                 else:
                     try:  # a unix path held by a retiring socket is taken over, and given back on failure
                         b = open_all([spec], replacing=retiring)[0]

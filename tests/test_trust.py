@@ -107,7 +107,6 @@ def test_hostile_notify_values_from_an_unprivileged_daemon(activator, tmp_path, 
 
 def test_stop_reaches_the_daemon_when_activator_is_out_of_descriptors(activator, tmp_path):
     # The daemon fills activator's descriptor table through the fd store; /proc cannot be read then.
-    port = free_port()
     script = tmp_path / "hog.py"
     script.write_text(textwrap.dedent(r"""
         import array, os, resource, signal, socket, sys
