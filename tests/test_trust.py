@@ -196,7 +196,7 @@ def test_sighup_during_a_stop_binds_nothing(activator, tmp_path):
     cfg = write_config(tmp_path / "u.toml", f"""
         [slow]
         socket.listen-stream = "127.0.0.1:{port}"
-        service.exec-start = ["sh", "-c", "trap '' TERM; exec sleep 60"]
+        service.exec-start = ["sh", "-c", "trap '' TERM USR1; exec sleep 60"]
         service.timeout-stop-sec = 30
     """)
     a = activator("serve", "-v", cfg)
