@@ -22,7 +22,7 @@ only a loopback interface (so the documented fixed ports, 10809 or 7007, cannot 
 anything on the machine, and an example cannot reach anything but loopback), a PID namespace
 (nothing an example starts outlives its document; after every block no process may be left but
 the running servers' trees) and a mount namespace with private /tmp and /run (documented paths
-such as /tmp/nbd.sock are the example's own, and nothing is left behind). The working directory,
+such as /run/activator/nbd.sock are the example's own, and nothing is left behind). The working directory,
 /tmp/checkout, holds copies of configs/, scripts/ and bench/, as a checkout does; activator is the
 installed one (the venv's bin comes first on PATH, as after `. .venv/bin/activate`).
 """
@@ -500,7 +500,8 @@ def test_relative_links_resolve(doc):
 
 # ------------------------------------------------------------------ option tables
 def _option_table(doc: Path) -> set[str]:
-    """The long options named in the first column of the first table headed `| option |` in ``doc``."""
+    """The long options named in the first column of the tables headed `| option |` in ``doc``
+    (one table, or several: by topic)."""
     names: set[str] = set()
     inside = False
     for line in doc.read_text().splitlines():
@@ -508,7 +509,7 @@ def _option_table(doc: Path) -> set[str]:
         if not inside:
             inside = bool(cells) and cells[0] == "option"
         elif not cells:
-            break
+            inside = False
         elif not set(cells[0]) <= set("-: "):
             names.update(re.findall(r"--[a-z][a-z0-9-]*", cells[0]))
     return names
