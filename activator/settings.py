@@ -141,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
     _socket("reuse-port", "reuse_port", v.Bool(), "SO_REUSEPORT.", "ReusePort", "socket-rebind",
             flags=("--reuse-port",)),
     _socket("free-bind", "free_bind", v.Bool(), "IP_FREEBIND: bind to an address not (yet) configured.",
-            "FreeBind", "socket-rebind", flags=("--free-bind",)),
+            "FreeBind", "socket-live", flags=("--free-bind",)),
     _socket("keep-alive", "keep_alive", v.Bool(), "SO_KEEPALIVE.", "KeepAlive", "socket-live",
             flags=("--keep-alive",)),
     _socket("no-delay", "no_delay", v.Bool(), "TCP_NODELAY.", "NoDelay", "socket-live", flags=("--no-delay",)),
