@@ -365,8 +365,8 @@ class NotifyHub:
 
     def _watchdog_fired(self, us, run: _Run) -> None:
         run.watchdog_timer = None
-        if not self._current(us, run):
-            return
+        if not self._current(us, run) or us.forced is not None:
+            return  # already being stopped: a WATCHDOG=trigger loop must not signal it again and again
         self.log.warning(
             "watchdog", f"watchdog timeout (no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s), sending SIGABRT",
             unit=us.name, pid=us.main_pid,

@@ -879,8 +879,9 @@ class Engine:
         self.publish("stopping", us, reason=reason)
 
     def _kill_after_timeout(self, us: UnitState) -> None:
+        if us.kill_timer is not None and us.kill_timer.active:
+            return  # the first deadline holds: asking again (WATCHDOG=trigger, ctl stop) must not postpone SIGKILL
         timeout = us.unit.service.timeout_stop
-        cancel(us.kill_timer)
         us.kill_timer = None
         if timeout != float("inf"):
             us.kill_timer = self.loop.call_later(timeout, lambda: self._kill_unit(us), us)
