@@ -3,30 +3,13 @@ Real processes, real sockets, loopback and unix sockets in temporary directories
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from conftest import connect, free_port, pid_alive, wait_for
-
-
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def events(a, name: str) -> list[dict]:
-    found = []
-    for line in a.lines:
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == name:
-                found.append(record)
-    return found
+from test_trust import events, write_config
 
 
 def test_a_watchdog_trigger_loop_cannot_postpone_the_sigkill(activator, tmp_path):
@@ -64,4 +47,39 @@ def test_a_watchdog_trigger_loop_cannot_postpone_the_sigkill(activator, tmp_path
     assert time.monotonic() - started < 6
     assert len(events(a, "watchdog")) == 1, "the daemon was signalled once per trigger"
     assert a.proc.poll() is None
+    assert a.stop() == 0
+
+
+def test_a_unit_renamed_by_a_reload_waits_for_the_old_daemon_on_its_socket(activator, tmp_path):
+    # [a] is renamed [b] with the same socket while a's daemon ignores SIGTERM and keeps the
+    # listening socket: b used to be armed at once and start a second daemon on that socket.
+    port = free_port()
+    pids = tmp_path / "pids"
+
+    def config(name):
+        return write_config(tmp_path / "u.toml", f"""
+            [{name}]
+            socket.listen-stream = "127.0.0.1:{port}"
+            service.exec-start = ["sh", "-c", "trap '' TERM; echo $$ >> {pids}; exec sleep 60"]
+            service.timeout-stop-sec = 2
+        """)
+
+    cfg = config("a")
+    a = activator("serve", "--log-format", "json", cfg)
+    a.wait_listening()
+    connect(("127.0.0.1", port)).close()
+    wait_for(lambda: pids.exists() and pids.read_text().strip(), what="a's daemon")
+    first = int(pids.read_text())
+    config("b")
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: events(a, "reload"), what="the reload")
+    c = connect(("127.0.0.1", port))  # waits in the backlog until a's daemon is gone
+    try:
+        wait_for(lambda: len(pids.read_text().split()) == 2, what="b's daemon, for the waiting client")
+    finally:
+        c.close()
+    assert not pid_alive(first)
+    order = [(r["event"], r["unit"]) for r in map(json.loads, (x for x in a.lines if x.startswith("{")))
+             if r.get("event") in ("start", "exit")]
+    assert order == [("start", "a"), ("exit", "a"), ("start", "b")], "b started while a's daemon still ran"
     assert a.stop() == 0
