@@ -3,6 +3,7 @@ Real processes, real sockets, loopback and unix sockets in temporary directories
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -82,4 +83,58 @@ def test_a_unit_renamed_by_a_reload_waits_for_the_old_daemon_on_its_socket(activ
     order = [(r["event"], r["unit"]) for r in map(json.loads, (x for x in a.lines if x.startswith("{")))
              if r.get("event") in ("start", "exit")]
     assert order == [("start", "a"), ("exit", "a"), ("start", "b")], "b started while a's daemon still ran"
+    assert a.stop() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_former_main_pid_that_exits_does_not_spin_the_loop(activator, tmp_path):
+    # D (our child) hands MAINPID to its child X, X hands it to its child Y, then X exits and D reaps
+    # it. X's pidfd stayed watched after it was read (its run's pidfd was Y's by then): 100 % CPU.
+    port = free_port()
+    done = tmp_path / "done"
+    script = tmp_path / "handover.py"
+    script.write_text(textwrap.dedent(r"""
+        import os, socket, sys, time
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.connect(os.environ["NOTIFY_SOCKET"])
+        s.send(b"READY=1")
+        ready = os.pipe()
+        x = os.fork()
+        if x == 0:
+            os.read(ready[0], 1)  # D has sent MAINPID=X
+            y = os.fork()
+            if y == 0:
+                time.sleep(60)
+                os._exit(0)
+            s.send(b"MAINPID=%d\nSTATUS=handed to y" % y)  # sent by X, the main process then
+            time.sleep(0.5)
+            os._exit(0)
+        s.send(b"MAINPID=%d" % x)
+        time.sleep(0.3)
+        os.write(ready[1], b"x")
+        os.waitpid(x, 0)
+        open(sys.argv[1], "w").write("x reaped")
+        time.sleep(60)
+    """))
+    cfg = write_config(tmp_path / "u.toml", f"""
+        [mp]
+        socket.listen-stream = "127.0.0.1:{port}"
+        service.exec-start = ["{sys.executable}", "{script}", "{done}"]
+        service.type = "notify"
+        service.timeout-stop-sec = 5
+    """)
+    a = activator("serve", "--log-format", "json", cfg)
+    a.wait_listening()
+    connect(("127.0.0.1", port)).close()
+    wait_for(lambda: len(events(a, "main-pid")) == 2, what="MAINPID handed over twice")
+    wait_for(lambda: done.exists(), what="X to exit and be reaped by D")
+    before = _cpu_seconds(a.pid)
+    time.sleep(1.0)  # measuring: activator must be idle over this second
+    used = _cpu_seconds(a.pid) - before
+    assert used < 0.3, f"activator used {used:.2f}s of CPU in 1s of idling"
     assert a.stop() == 0
