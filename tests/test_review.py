@@ -8,18 +8,35 @@ import signal
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from conftest import connect, free_port, pid_alive, wait_for
 from test_trust import events, write_config
 
 
+def serve_notify_daemon(activator, tmp_path, source: str, arg: Path, timeout_stop: int):
+    """activator serving one type = notify unit running the Python ``source`` with ``arg``, after a first connection."""
+    port = free_port()
+    script = tmp_path / "daemon.py"
+    script.write_text(textwrap.dedent(source))
+    cfg = write_config(tmp_path / "u.toml", f"""
+        [n]
+        socket.listen-stream = "127.0.0.1:{port}"
+        service.exec-start = ["{sys.executable}", "{script}", "{arg}"]
+        service.type = "notify"
+        service.timeout-stop-sec = {timeout_stop}
+    """)
+    a = activator("serve", "--log-format", "json", cfg)
+    a.wait_listening()
+    connect(("127.0.0.1", port)).close()
+    return a
+
+
 def test_a_watchdog_trigger_loop_cannot_postpone_the_sigkill(activator, tmp_path):
     # The daemon ignores SIGTERM and SIGABRT and sends WATCHDOG=trigger every 0.2 s. Each trigger
     # used to stop the unit again, which re-armed the timeout-stop-sec timer: SIGKILL never came.
-    port = free_port()
     pid_file = tmp_path / "pid"
-    script = tmp_path / "trigger.py"
-    script.write_text(textwrap.dedent(r"""
+    a = serve_notify_daemon(activator, tmp_path, r"""
         import os, signal, socket, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGABRT, signal.SIG_IGN)
@@ -31,17 +48,7 @@ def test_a_watchdog_trigger_loop_cannot_postpone_the_sigkill(activator, tmp_path
         while time.monotonic() < end:
             s.send(b"WATCHDOG=trigger")
             time.sleep(0.2)
-    """))
-    cfg = write_config(tmp_path / "u.toml", f"""
-        [wd]
-        socket.listen-stream = "127.0.0.1:{port}"
-        service.exec-start = ["{sys.executable}", "{script}", "{pid_file}"]
-        service.type = "notify"
-        service.timeout-stop-sec = 1
-    """)
-    a = activator("serve", "--log-format", "json", cfg)
-    a.wait_listening()
-    connect(("127.0.0.1", port)).close()
+    """, pid_file, timeout_stop=1)
     daemon = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the daemon"))
     started = time.monotonic()
     wait_for(lambda: not pid_alive(daemon), timeout=6, what="SIGKILL about 1 s after the first trigger")
@@ -95,10 +102,8 @@ def _cpu_seconds(pid: int) -> float:
 def test_a_former_main_pid_that_exits_does_not_spin_the_loop(activator, tmp_path):
     # D (our child) hands MAINPID to its child X, X hands it to its child Y, then X exits and D reaps
     # it. X's pidfd stayed watched after it was read (its run's pidfd was Y's by then): 100 % CPU.
-    port = free_port()
     done = tmp_path / "done"
-    script = tmp_path / "handover.py"
-    script.write_text(textwrap.dedent(r"""
+    a = serve_notify_daemon(activator, tmp_path, r"""
         import os, socket, sys, time
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         s.connect(os.environ["NOTIFY_SOCKET"])
@@ -120,17 +125,7 @@ def test_a_former_main_pid_that_exits_does_not_spin_the_loop(activator, tmp_path
         os.waitpid(x, 0)
         open(sys.argv[1], "w").write("x reaped")
         time.sleep(60)
-    """))
-    cfg = write_config(tmp_path / "u.toml", f"""
-        [mp]
-        socket.listen-stream = "127.0.0.1:{port}"
-        service.exec-start = ["{sys.executable}", "{script}", "{done}"]
-        service.type = "notify"
-        service.timeout-stop-sec = 5
-    """)
-    a = activator("serve", "--log-format", "json", cfg)
-    a.wait_listening()
-    connect(("127.0.0.1", port)).close()
+    """, done, timeout_stop=5)
     wait_for(lambda: len(events(a, "main-pid")) == 2, what="MAINPID handed over twice")
     wait_for(lambda: done.exists(), what="X to exit and be reaped by D")
     before = _cpu_seconds(a.pid)
