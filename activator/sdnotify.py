@@ -22,6 +22,7 @@ import socket
 import struct
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import processes
 from .loop import TimerHandle, cancel
@@ -202,7 +203,6 @@ class _Run:
     start_deadline: float = 0.0
     watchdog_timer: TimerHandle | None = None
     watchdog_usec: int = 0
-    pidfd: int | None = None  # watching a MAINPID= that is not our child
 
 
 @dataclass(eq=False)
@@ -235,6 +235,9 @@ class NotifyHub:
         self.strangers = RateLimit(1.0, STRANGER_BURST)  # messages not from a daemon of ours, per second
         self.dropped = 0
         self._hup: select.epoll | None = None  # stored descriptors, watched for EPOLLHUP/EPOLLERR only
+        # pid -> pidfd of each MAINPID= that is not our child, kept until it exits (after its run too:
+        # a former main process stays the unit's to reap)
+        self.foreign: dict[int, int] = {}
         self._counter = 0
 
     @property
@@ -303,6 +306,8 @@ class NotifyHub:
         for run in self.runs.values():
             self._cancel(run)
         self.runs.clear()
+        for pid in list(self.foreign):
+            self._unwatch_foreign(pid)
         for name in list(self.stores):
             self._drop_store(name)
         if self._hup is not None:
@@ -331,10 +336,6 @@ class NotifyHub:
         cancel(run.start_timer)
         cancel(run.watchdog_timer)
         run.start_timer = run.watchdog_timer = None
-        if run.pidfd is not None:
-            self.loop.remove(run.pidfd)
-            os.close(run.pidfd)
-            run.pidfd = None
 
     def _forget(self, us) -> None:
         run = self.runs.pop(id(us), None)
@@ -365,8 +366,8 @@ class NotifyHub:
 
     def _watchdog_fired(self, us, run: _Run) -> None:
         run.watchdog_timer = None
-        if not self._current(us, run):
-            return
+        if not self._current(us, run) or us.forced is not None:
+            return  # already being stopped: a WATCHDOG=trigger loop must not signal it again and again
         self.log.warning(
             "watchdog", f"watchdog timeout (no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s), sending SIGABRT",
             unit=us.name, pid=us.main_pid,
@@ -483,29 +484,36 @@ class NotifyHub:
         if new <= 0:
             self.log.warning("notify", f"ignored invalid MAINPID={text[:40]!r}", unit=us.name)
             return
+        fd = None
+        if processes.parent_of(new) != os.getpid():
+            # Not our child: its exit comes through a pidfd (its parent reaps it). Opened before the
+            # checks, so it names the process checked, and a process we cannot watch is refused.
+            try:
+                fd = os.pidfd_open(new)
+            except (OSError, AttributeError):
+                self.log.warning("notify", f"ignored MAINPID={new}: gone, or cannot be watched", unit=us.name)
+                return
         if not self.engine.adopt_main_pid(us, new):
+            if fd is not None:
+                os.close(fd)
             self.log.warning("notify", f"ignored MAINPID={new}: not a process of this daemon", unit=us.name)
             return
         run.pid = new
         self.log.info("main-pid", f"main pid is now {new}", unit=us.name, pid=new)
-        if processes.parent_of(new) != os.getpid():
-            self._watch_foreign(us, run, new)
+        if fd is not None:
+            self._unwatch_foreign(new)
+            self.foreign[new] = fd
+            self.loop.add_reader(fd, partial(self._foreign_exited, us, new), us)
 
-    def _watch_foreign(self, us, run: _Run, pid: int) -> None:
-        """A main process that is not our child: its exit comes through a pidfd (its parent reaps it)."""
-        try:
-            fd = os.pidfd_open(pid)
-        except (OSError, AttributeError):
-            return
-        run.pidfd = fd
-        self.loop.add_reader(fd, lambda: self._foreign_exited(us, run, pid), us)
+    def _unwatch_foreign(self, pid: int) -> None:
+        fd = self.foreign.pop(pid, None)
+        if fd is not None:
+            self.loop.remove(fd)
+            os.close(fd)
 
-    def _foreign_exited(self, us, run: _Run, pid: int) -> None:
-        if run.pidfd is not None:
-            self.loop.remove(run.pidfd)
-            os.close(run.pidfd)
-            run.pidfd = None
-        if us.main_pid != pid or self.engine.unit_of_pid(pid) is not us:
+    def _foreign_exited(self, us, pid: int) -> None:
+        self._unwatch_foreign(pid)  # its own pidfd only: a readable pidfd left watched spins the loop
+        if self.engine.unit_of_pid(pid) is not us:
             return
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)

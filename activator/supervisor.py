@@ -172,8 +172,7 @@ class UnitState:
     kill_timer: TimerHandle | None = None
     retired: bool = False  # removed or replaced by a reload: never start again
     failed: str | None = None  # why the unit failed (a fault in its handling): no activation until restarted
-    successor: "UnitState | None" = None  # armed once this one's processes are gone
-    waiting_for: "UnitState | None" = None
+    waiting_for: "UnitState | None" = None  # a retired generation still running on our name or sockets
     forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog')
     held: bool = False  # `ctl stop --disarm`: not listened on until started again
     manual_stop: bool = False  # `ctl stop`: no restart= after this exit
@@ -825,10 +824,11 @@ class Engine:
         """The unit has no process left."""
         cancel(us.kill_timer)
         us.kill_timer = None
-        if us.successor is not None:
-            succ, us.successor = us.successor, None
-            succ.waiting_for = None
-            self.loop.dispatch(lambda: self._activate(succ), succ)
+        if us.retired:
+            for succ in [s for s in self.units.values() if s.waiting_for is us]:
+                succ.waiting_for = self._blocker(succ)  # another donor of its sockets may still run
+                if succ.waiting_for is None:
+                    self.loop.dispatch(partial(self._activate, succ), succ)
         if us.retired or us.failed or self.stopping:
             return
         if us.restart_pending and us.restart_timer is None and not us.paused_until:
@@ -879,8 +879,9 @@ class Engine:
         self.publish("stopping", us, reason=reason)
 
     def _kill_after_timeout(self, us: UnitState) -> None:
+        if us.kill_timer is not None and us.kill_timer.active:
+            return  # the first deadline holds: asking again (WATCHDOG=trigger, ctl stop) must not postpone SIGKILL
         timeout = us.unit.service.timeout_stop
-        cancel(us.kill_timer)
         us.kill_timer = None
         if timeout != float("inf"):
             us.kill_timer = self.loop.call_later(timeout, lambda: self._kill_unit(us), us)
@@ -1115,10 +1116,6 @@ class Engine:
             if prev is not None:
                 result.changed.append(unit.name)
                 self._retire(prev, taken)
-                # Never two generations at once: wait for the oldest one still running.
-                blocker = prev.waiting_for or (prev if prev.has_processes() else None)
-                if blocker is not None:
-                    blocker.successor, state.waiting_for = state, blocker
             else:
                 result.added.append(unit.name)
             for b in bound:
@@ -1127,12 +1124,23 @@ class Engine:
             units[unit.name] = state
         self.units = {u.name: units[u.name] for u in new_units}
         for _, state, _ in plans:
+            state.waiting_for = self._blocker(state)
             if state.waiting_for is None:
                 self.loop.dispatch(partial(self._activate, state), state)
         self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
                                 f"{len(result.added)} added, {len(result.removed)} removed")
         self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
         return result
+
+    def _blocker(self, state: UnitState) -> UnitState | None:
+        """A retired generation still running that ``state`` must wait for: never two generations of a
+        unit at once, nor two daemons on one socket (a unit renamed by a reload keeps its socket)."""
+        mine = {id(ss.bound) for ss in state.sockets}
+        for us in set(self.pids.values()):  # every unit with a process, retired ones included
+            if us is not state and us.retired and (us.name == state.name or
+                                                   any(id(ss.bound) in mine for ss in us.sockets)):
+                return us
+        return None
 
     def _apply_live(self, state: UnitState, b: BoundSocket, spec) -> None:
         """Options of a kept socket that changed (backlog, buffers, mode, ...) take effect now. A failure

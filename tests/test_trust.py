@@ -24,7 +24,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI, reason="needs r
 
 
 def write_config(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
+    """Atomically: a SIGHUP still in flight must never make activator read a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(textwrap.dedent(text))
+    os.replace(tmp, path)
     return path
 
 
