@@ -368,10 +368,8 @@ class NotifyHub:
         run.watchdog_timer = None
         if not self._current(us, run) or us.forced is not None:
             return  # already being stopped: a WATCHDOG=trigger loop must not signal it again and again
-        self.log.warning(
-            "watchdog", f"watchdog timeout (no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s), sending SIGABRT",
-            unit=us.name, pid=us.main_pid,
-        )
+        why = f"no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s" if run.watchdog_usec else "WATCHDOG=trigger"
+        self.log.warning("watchdog", f"watchdog timeout ({why}), sending SIGABRT", unit=us.name, pid=us.main_pid)
         self.engine.stop_unit(us, reason="watchdog", sig=signal.SIGABRT)
 
     def _owner(self, name: str, pid: int):

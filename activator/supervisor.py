@@ -271,6 +271,7 @@ class Engine:
         self.done = False
         self.global_faults = 0
         self.stats_by_name: dict[str, UnitStats] = {}
+        self.draining: list[UnitState] = []  # retired units whose daemons still run: their sockets stay open
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
@@ -824,6 +825,9 @@ class Engine:
         """The unit has no process left."""
         cancel(us.kill_timer)
         us.kill_timer = None
+        if us.retired and us in self.draining:
+            self.draining.remove(us)
+            self._close_unit(us, keep=self._sockets_in_use())
         if us.retired:
             for succ in [s for s in self.units.values() if s.waiting_for is us]:
                 succ.waiting_for = self._blocker(succ)  # another donor of its sockets may still run
@@ -1018,7 +1022,8 @@ class Engine:
             ss.bound.close(remove_file=ss.bound.spec.remove_on_stop)
 
     def _close_all(self) -> None:
-        steps: list[Callable[[], None]] = [partial(self._close_unit, us, set()) for us in self.units.values()]
+        steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
+                                           for us in [*self.units.values(), *self.draining]]
         for step in [*steps, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
@@ -1038,6 +1043,11 @@ class Engine:
             for line in lines:
                 self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
             return ReloadResult(False, errors=list(lines))
+        if not new_units:
+            # An empty or half-written file (an editor saving in place) must not stop every unit.
+            line = "no units in the new configuration"
+            self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
+            return ReloadResult(False, errors=[line])
         return self.apply(new_units)
 
     def apply(self, new_units: list[Unit]) -> ReloadResult:
@@ -1053,6 +1063,9 @@ class Engine:
         keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed}
         # Sockets of units that change or go are a pool the new units take theirs from.
         retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
+        held = {id(ss.bound) for us in old.values() for ss in us.sockets}
+        retiring += [ss.bound for us in self.draining for ss in us.sockets if id(ss.bound) not in held]
+        retiring = list({id(b): b for b in retiring}.values())
         pool: dict[tuple, list[BoundSocket]] = {}
         for b in retiring:
             pool.setdefault(_socket_key(b.spec), []).append(b)
@@ -1159,9 +1172,16 @@ class Engine:
         cancel(us.restart_timer)
         cancel(us.pause_timer)
         us.restart_pending = False
-        # Sockets not carried over close now; a daemon still running keeps its own copies until it exits.
         self.stop_unit(us)
-        self._close_unit(us, keep=keep)
+        if us.has_processes():
+            # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
+            # back, or gives its address to another unit, takes them instead of failing to bind beside it.
+            self.draining.append(us)
+        else:
+            self._close_unit(us, keep=keep)
+
+    def _sockets_in_use(self) -> set[int]:
+        return {id(ss.bound) for us in [*self.units.values(), *self.draining] for ss in us.sockets}
 
 
 def _socket_key(spec) -> tuple:

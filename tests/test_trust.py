@@ -449,3 +449,45 @@ def test_changed_socket_options_reach_the_next_daemon_after_a_reload(activator, 
     wait_for(lambda: report.exists() and report.read_text(), what="the second report")
     assert report.read_text() == "1"
     assert a.stop() == 0
+
+
+def test_a_unit_removed_and_added_back_while_its_daemon_drains(activator, tmp_path):
+    """Removed, then added back before its old daemon has gone: it takes the socket the old one still
+    holds (instead of failing to bind beside it) and starts once that daemon is gone."""
+    port = free_port()
+    pids = tmp_path / "pids"
+    unit = f"""
+        [drain]
+        socket.listen-stream = "127.0.0.1:{port}"
+        service.exec-start = ["sh", "-c", "trap '' TERM USR1; echo $$ >> {pids}; exec sleep 60"]
+        service.timeout-stop-sec = 30
+    """
+    other = '\n[other]\nsocket.listen-stream = "@activator-test-other-%d"\nservice.exec-start = "true"\n' % os.getpid()
+    cfg = write_config(tmp_path / "u.toml", unit + other)
+    a = activator("serve", cfg)
+    a.wait_listening(2)
+    connect(("127.0.0.1", port)).close()
+    first = int(wait_for(lambda: pids.exists() and pids.read_text().split(), what="the daemon")[0])
+    write_config(cfg, other)
+    a.signal(signal.SIGHUP)
+    a.wait_log(r"reloaded: 1 unchanged, 0 changed, 0 added, 1 removed")
+    write_config(cfg, unit + other)
+    a.signal(signal.SIGHUP)
+    a.wait_log(r"reloaded: 1 unchanged, 0 changed, 1 added, 0 removed")
+    with connect(("127.0.0.1", port)):  # waits in the backlog of the very same socket
+        assert pids.read_text().split() == [str(first)], "a second daemon started while the first drains"
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: len(pids.read_text().split()) == 2, what="the daemon of the unit added back")
+    assert a.stop(40) == 0
+
+
+def test_a_reload_that_reads_no_units_keeps_the_running_ones(activator, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "u.toml", f'[u]\nsocket.listen-stream = "127.0.0.1:{port}"\nservice.exec-start = "true"\n')
+    a = activator("serve", cfg)
+    a.wait_listening()
+    cfg.write_text("")  # an editor that truncates before it writes
+    a.signal(signal.SIGHUP)
+    a.wait_log("reload failed, keeping the running configuration: no units")
+    connect(("127.0.0.1", port)).close()  # still listening
+    assert a.stop() == 0
