@@ -254,8 +254,9 @@ def start(spec: SpawnSpec) -> int:
 def reaped(pid: int, name: str) -> SpawnError | None:
     """``pid``, a child of :func:`start`, has been reaped: forget it; why it could not start, if so.
 
-    ``name`` is the command's name for the message (``argv[0]``). Must be called only for a pid
-    the caller has reaped (or that was never ours): memory the child used is freed only then.
+    ``name`` is the command's name for the message (``argv[0]``). Call it for every reaped child
+    of start(): that is when a failure is claimed (unclaimed ones are kept, at most 1,024). A call
+    for a pid that is still running is harmless: a copy is freed only once its child is gone.
     """
     if _fastspawn is None:
         return None
