@@ -576,7 +576,7 @@ forget(pid_t pid, int reused)
             siginfo_t info;
             int gone = reused || record_released(r);
             if (!gone) {
-                /* e.g. killed by a core-dumping signal, which leaves the word alone */
+                /* killed by a core-dumping signal: older kernels leave the word alone then */
                 memset(&info, 0, sizeof(info));
                 gone = waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT) == -1 || info.si_pid == pid;
             }
