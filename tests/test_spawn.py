@@ -802,6 +802,7 @@ class TestAgainWithStartAndClone:
 for _name, _test in list(globals().items()):
     if _name.startswith("test_") and "backend" in inspect.signature(_test).parameters:
         setattr(TestAgainWithStartAndClone, _name, staticmethod(_test))
+del _name, _test
 
 
 def wait_exit(pid: int) -> int:
