@@ -100,10 +100,11 @@
 #define CHILD_CODE __attribute__((noinline))
 #endif
 
-/* ---- raw system calls ----
- * Where we have them (x86_64, aarch64), start() does not wait for the exec.  Elsewhere the
- * C library's syscall() is used, which writes errno: harmless only while the parent thread is
- * suspended, so start() waits there as spawn() does (ASYNC is False). */
+/* ---- system calls ----
+ * On x86_64 the child's system calls are made directly (inline assembly, which never touches
+ * errno) and start() does not wait for the exec.  Elsewhere the C library is used: it writes
+ * errno, which is harmless only while the parent thread is suspended, so start() waits there as
+ * spawn() does (ASYNC is False).  (aarch64 would need the same two pieces of assembly.) */
 #if defined(__x86_64__)
 #define FS_ASYNC 1
 static inline long
@@ -119,24 +120,6 @@ sys6(long n, long a, long b, long c, long d, long e, long f)
                      : "rcx", "r11", "memory");
     return ret;
 }
-#elif defined(__aarch64__)
-#define FS_ASYNC 1
-static inline long
-sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-    register long x8 __asm__("x8") = n;
-    register long x0 __asm__("x0") = a;
-    register long x1 __asm__("x1") = b;
-    register long x2 __asm__("x2") = c;
-    register long x3 __asm__("x3") = d;
-    register long x4 __asm__("x4") = e;
-    register long x5 __asm__("x5") = f;
-    __asm__ volatile("svc 0"
-                     : "+r"(x0)
-                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
-                     : "memory", "cc");
-    return x0;
-}
 #else
 #define FS_ASYNC 0
 static long
@@ -146,15 +129,127 @@ sys6(long n, long a, long b, long c, long d, long e, long f)
     return r == -1 ? -errno : r;
 }
 #endif
+#define sys0(n) sys6((n), 0, 0, 0, 0, 0, 0)
+#define sys1(n, a) sys6((n), (long)(a), 0, 0, 0, 0, 0)
+#define sys2(n, a, b) sys6((n), (long)(a), (long)(b), 0, 0, 0, 0)
+#define sys3(n, a, b, c) sys6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define sys4(n, a, b, c, d) sys6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+
+/* Signals 1..64, as a bit set: the ones to reset even when ignored. */
+#define SIG_LAST 64
+typedef uint64_t sigbits_t;
+#define SIG_BIT(sig) ((sigbits_t)1 << ((sig) - 1))
+
+/* Signal dispositions and masks, in the child and around the clone. */
+#if FS_ASYNC
+/* The kernel's own sigaction and 64-signal set, as x86_64's rt_sigaction takes them. */
+struct ksigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+typedef uint64_t mask_t;
+
+static void
+block_all(mask_t *old)
+{
+    mask_t all = ~(mask_t)0;  /* the C library's internal signals too */
+    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, &all, old, sizeof(mask_t));
+}
+
+static void
+restore_mask(const mask_t *old)
+{
+    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, old, NULL, sizeof(mask_t));
+}
+
+static CHILD_CODE int
+child_caught(int sig)
+{
+    struct ksigaction old;
+
+    if (sys4(SYS_rt_sigaction, sig, NULL, &old, sizeof(uint64_t)) < 0)
+        return 0;
+    return (old.flags & SA_SIGINFO) || (old.handler != (void *)SIG_IGN && old.handler != (void *)SIG_DFL);
+}
+
+static CHILD_CODE void
+child_default(int sig)
+{
+    struct ksigaction dfl;
+
+    dfl.handler = (void *)SIG_DFL;
+    dfl.flags = 0;
+    dfl.restorer = NULL;
+    dfl.mask = 0;
+    (void)sys4(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(uint64_t));
+}
+
+static CHILD_CODE void
+child_unblock_all(void)
+{
+    uint64_t none = 0;
+
+    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof(uint64_t));
+}
+#else
+typedef sigset_t mask_t;
+
+static void
+block_all(mask_t *old)
+{
+    sigset_t all;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, old);
+}
+
+static void
+restore_mask(const mask_t *old)
+{
+    pthread_sigmask(SIG_SETMASK, old, NULL);
+}
+
+static int
+child_caught(int sig)
+{
+    struct sigaction old;
+
+    if (sigaction(sig, NULL, &old) != 0)
+        return 0;  /* e.g. the C library's internal signals */
+    return (old.sa_flags & SA_SIGINFO) || (old.sa_handler != SIG_IGN && old.sa_handler != SIG_DFL);
+}
+
+static void
+child_default(int sig)
+{
+    struct sigaction dfl;
+
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    (void)sigaction(sig, &dfl, NULL);
+}
+
+static void
+child_unblock_all(void)
+{
+    sigset_t none;
+
+    sigemptyset(&none);
+    (void)sigprocmask(SIG_SETMASK, &none, NULL);
+}
+#endif
+
 /* clone3 on a private stack.  The child comes back from the system call on the new stack, in
  * the middle of this function, so it is written in assembly: the child branch calls fn(arg)
- * and exits; only the parent returns (the pid, or -errno).  Where there is no trampoline,
- * clone3 is not used (glibc's clone() instead). */
+ * and exits; only the parent returns (the pid, or -errno).  Without it, glibc's clone(). */
 #define CLONE_ARGS_SIZE 64  /* CLONE_ARGS_SIZE_VER0: up to and including tls */
 struct clone3_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
 };
-#if defined(__x86_64__) && defined(SYS_clone3)
+#if FS_ASYNC && defined(SYS_clone3)
 #define FS_CLONE3 1
 static long
 raw_clone3(struct clone3_args *cl, int (*fn)(void *), void *arg)
@@ -179,55 +274,12 @@ raw_clone3(struct clone3_args *cl, int (*fn)(void *), void *arg)
                      : "rcx", "r11", "memory");
     return ret;
 }
-#elif defined(__aarch64__) && defined(SYS_clone3)
-#define FS_CLONE3 1
-static long
-raw_clone3(struct clone3_args *cl, int (*fn)(void *), void *arg)
-{
-    register long x8 __asm__("x8") = SYS_clone3;
-    register long x0 __asm__("x0") = (long)cl;
-    register long x1 __asm__("x1") = CLONE_ARGS_SIZE;
-    register void *x19 __asm__("x19") = (void *)fn;
-    register void *x20 __asm__("x20") = arg;
-    __asm__ volatile("svc 0\n\t"
-                     "cbnz x0, 1f\n\t"
-                     "mov x29, xzr\n\t"       /* the child: the outermost frame */
-                     "mov x30, xzr\n\t"
-                     "mov x0, x20\n\t"
-                     "blr x19\n\t"
-                     "mov x8, %[exit]\n\t"
-                     "svc 0\n\t"
-                     "brk #0\n\t"
-                     "1:"
-                     : "+r"(x0)
-                     : "r"(x8), "r"(x1), "r"(x19), "r"(x20), [exit] "i"(SYS_exit_group)
-                     : "x30", "memory", "cc");
-    return x0;
-}
 #else
 #define FS_CLONE3 0
 #endif
 #ifndef CLONE_CLEAR_SIGHAND
 #define CLONE_CLEAR_SIGHAND 0x100000000ULL
 #endif
-
-#define sys0(n) sys6((n), 0, 0, 0, 0, 0, 0)
-#define sys1(n, a) sys6((n), (long)(a), 0, 0, 0, 0, 0)
-#define sys2(n, a, b) sys6((n), (long)(a), (long)(b), 0, 0, 0, 0)
-#define sys3(n, a, b, c) sys6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
-#define sys4(n, a, b, c, d) sys6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
-
-/* The kernel's own sigaction and sigset (64 signals), as rt_sigaction and rt_sigprocmask take
- * them on x86_64 and aarch64 (and every architecture with the generic layout). */
-#define KSIG_MAX 64
-typedef uint64_t ksigset_t;
-struct ksigaction {
-    void *handler;
-    unsigned long flags;
-    void *restorer;
-    ksigset_t mask;
-};
-#define KSIG_BIT(sig) ((ksigset_t)1 << ((sig) - 1))
 
 #define PID_DIGITS 20
 #define LISTEN_PID_PREFIX "LISTEN_PID="
@@ -280,7 +332,7 @@ struct child_args {
     const gid_t *groups;
     long ngroups;          /* -1: keep */
     int umask_value;       /* -1: keep */
-    ksigset_t reset;       /* set to SIG_DFL even when ignored */
+    sigbits_t reset;       /* set to SIG_DFL even when ignored */
     int handlers_cleared;  /* the kernel has reset every handler already (CLONE_CLEAR_SIGHAND) */
     /* written by the child */
     volatile int err;
@@ -315,30 +367,19 @@ static size_t page_size;
 static CHILD_CODE void
 child_reset_signals(const struct child_args *a)
 {
-    struct ksigaction dfl, old;
-    ksigset_t none = 0;
     int sig;
 
-    dfl.handler = (void *)SIG_DFL;
-    dfl.flags = 0;
-    dfl.restorer = NULL;
-    dfl.mask = 0;
     /* A handler installed by the parent (Python's C-level handler) must not run here, where it
      * would write the parent's memory; exec would reset it anyway.  The listed signals are reset
      * even when ignored, because an ignored disposition survives exec.  After CLONE_CLEAR_SIGHAND
      * only those are left: 64 reads of the dispositions cost about 20 us. */
-    for (sig = 1; sig <= KSIG_MAX; sig++) {
+    for (sig = 1; sig <= SIG_LAST && sig < NSIG; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP)
             continue;
-        if (!(a->reset & KSIG_BIT(sig))) {
-            if (a->handlers_cleared || sys4(SYS_rt_sigaction, sig, NULL, &old, sizeof(ksigset_t)) < 0)
-                continue;
-            if (!(old.flags & SA_SIGINFO) && (old.handler == (void *)SIG_IGN || old.handler == (void *)SIG_DFL))
-                continue;
-        }
-        (void)sys4(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(ksigset_t));
+        if ((a->reset & SIG_BIT(sig)) || (!a->handlers_cleared && child_caught(sig)))
+            child_default(sig);
     }
-    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof(ksigset_t));
+    child_unblock_all();
 }
 
 /* The decimal pid into each slot; volatile stores, so the compiler cannot turn it into a memcpy. */
@@ -649,7 +690,7 @@ struct request {
     int do_setsid;
     long uid, gid;
     int umask_value;
-    ksigset_t reset;
+    sigbits_t reset;
     Py_ssize_t strings;    /* bytes of every string with its NUL, plus room for the pids */
 };
 
@@ -737,7 +778,7 @@ check_fd_map(struct request *q, PyObject *fd_map_obj)
 
 /* Every item of tuple an int in [lo, hi]; with bits, each sets its bit (signal numbers). */
 static int
-check_ints(PyObject *tuple, long long lo, long long hi, const char *what, ksigset_t *bits)
+check_ints(PyObject *tuple, long long lo, long long hi, const char *what, sigbits_t *bits)
 {
     Py_ssize_t i;
     long long v;
@@ -746,7 +787,7 @@ check_ints(PyObject *tuple, long long lo, long long hi, const char *what, ksigse
         if (long_in_range(PyTuple_GetItem(tuple, i), lo, hi, &v, what) < 0)
             return -1;
         if (bits != NULL)
-            *bits |= KSIG_BIT(v);
+            *bits |= SIG_BIT(v);
     }
     return 0;
 }
@@ -766,7 +807,7 @@ check_reset(struct request *q, PyObject *reset_obj)
 {
     if (bounded_tuple(reset_obj, &q->reset_t, "signals") == NULL)
         return -1;
-    return check_ints(q->reset_t, 1, KSIG_MAX, "signal number", &q->reset);
+    return check_ints(q->reset_t, 1, SIG_LAST, "signal number", &q->reset);
 }
 
 static int
@@ -993,7 +1034,7 @@ clone_child(struct record *r, int wait)
 static pid_t
 record_clone(struct record *r, int wait)
 {
-    ksigset_t all = ~(ksigset_t)0, old;
+    mask_t old;
     pid_t pid;
     int err;
 
@@ -1002,10 +1043,10 @@ record_clone(struct record *r, int wait)
     r->tid = 1;
     /* No signal handler may run in the child while it shares our memory: block everything
      * (the C library's internal signals too) across the clone; the child resets and unblocks. */
-    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof(ksigset_t));
+    block_all(&old);
     pid = clone_child(r, wait);
     err = errno;
-    (void)sys4(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof(ksigset_t));
+    restore_mask(&old);
     errno = err;
     return pid;
 }
