@@ -16,11 +16,9 @@ from __future__ import annotations
 import array
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -94,12 +92,27 @@ class NotifyMessage:
         self.fds = []
 
 
+def _remove_directory(directory: str) -> None:
+    """Remove one of our notify directories (it holds only our sockets: no tree to walk)."""
+    try:
+        for name in os.listdir(directory):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
 def _private_directory() -> str:
     """A directory of ours for notify sockets: 0711, so a daemon running as another user reaches the
     socket it is given (which is only its own user's, mode 0600) and lists nothing."""
+    import tempfile  # here: only a unit with a notify socket pays for it (its imports cost ~1 MiB idle)
+
     directory = tempfile.mkdtemp(prefix="activator-notify-")
     if len(os.fsencode(directory)) > 90:  # leave room in sun_path (108 bytes) for the socket's name
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_directory(directory)
         directory = tempfile.mkdtemp(prefix="activator-notify-", dir="/tmp")
     os.chmod(directory, 0o711)
     return directory
@@ -178,7 +191,7 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
         if self.own_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_directory(self.directory)
         else:
             try:
                 os.unlink(self.path)
@@ -317,7 +330,7 @@ class NotifyHub:
         for name in list(self.sockets):
             self._close_socket(name)
         if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_directory(self.directory)
             self.directory = None
 
     def drop_unit(self, name: str) -> None:

@@ -38,7 +38,7 @@ from .protocol import STRIP_ENV, listen_environment
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
-from .spawn import SpawnError, SpawnSpec, encode_environment, resolve, spawn
+from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Unit
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
@@ -54,7 +54,17 @@ class Host:
     """The operating system as the engine uses it: starting, signalling, reaping and reading processes."""
 
     def spawn(self, spec: SpawnSpec) -> int:
+        """Start and wait until the child has exec'd: an exec failure is a SpawnError here."""
         return spawn(spec)
+
+    def start(self, spec: SpawnSpec) -> int:
+        """Start without waiting for the exec (per-connection instances): an exec failure is
+        known only once the child is reaped (exec_failure)."""
+        return start(spec)
+
+    def exec_failure(self, pid: int, name: str) -> SpawnError | None:
+        """Why a child made with start() could not exec, once it has been reaped; None when it did."""
+        return reaped(pid, name)
 
     def kill(self, pid: int, sig: int) -> None:
         try:
@@ -575,7 +585,9 @@ class Engine:
             umask=svc.umask,
         )
         try:
-            return self.host.spawn(spec)
+            # An instance does not wait for its exec: the engine goes back to accepting while the kernel
+            # loads the program (an exec failure is reported when the instance is reaped).
+            return self.host.start(spec) if conn is not None else self.host.spawn(spec)
         except SpawnError:
             us.executable = None  # look it up again next time: it may be installed by then
             raise
@@ -742,6 +754,11 @@ class Engine:
             self._check_stopped()
 
     def _instance_exited(self, us: UnitState, pid: int, status: int) -> None:
+        failed = self.host.exec_failure(pid, us.unit.service.argv[0])
+        if failed is not None:
+            us.stats.start_failures += 1
+            us.executable = None  # look it up again next time: it may be installed by then
+            self.log.error("start-failed", f"cannot start instance: {failed}", unit=us.name, pid=pid)
         addr = us.instances.pop(pid, None)
         if addr is not None:
             left = us.per_source.get(addr, 1) - 1

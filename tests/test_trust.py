@@ -491,3 +491,19 @@ def test_a_reload_that_reads_no_units_keeps_the_running_ones(activator, tmp_path
     a.wait_log("reload failed, keeping the running configuration: no units")
     connect(("127.0.0.1", port)).close()  # still listening
     assert a.stop() == 0
+
+
+def test_an_instance_that_cannot_exec_is_reported_when_it_is_reaped(activator, tmp_path):
+    """Per-connection instances do not wait for their exec: a failure (here ENOEXEC) is logged once reaped."""
+    port = free_port()
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"\x7fELF not really")
+    bogus.chmod(0o755)
+    a = activator("run", "--log-format", "json", "-a", "-l", f"127.0.0.1:{port}", "--", str(bogus))
+    a.wait_listening()
+    with connect(("127.0.0.1", port)) as c:
+        assert c.recv(1) == b""  # the instance never ran: the connection just ends
+    failed = wait_event(a, "start-failed")
+    assert "not an executable format" in failed[0]["message"]
+    assert a.proc.poll() is None
+    assert a.stop() == 0
