@@ -37,12 +37,13 @@ class Address:
 
     @property
     def kind(self) -> str:
-        return {
+        names: dict[int, str] = {
             socket.AF_INET: "ipv4",
             socket.AF_INET6: "ipv6",
             socket.AF_UNIX: "unix",
             socket.AF_VSOCK: "vsock",
-        }[self.family]
+        }
+        return names[self.family]
 
     @property
     def path(self) -> str | None:
@@ -79,7 +80,8 @@ def parse_address(text: str) -> Address:
 
     if text.startswith("/"):
         if len(text.encode(errors="surrogateescape")) >= UNIX_PATH_MAX:
-            raise AddressError(f"unix socket path too long ({len(text.encode(errors='surrogateescape'))} bytes, at most {UNIX_PATH_MAX - 1}): {text!r}")
+            size = len(text.encode(errors="surrogateescape"))
+            raise AddressError(f"unix socket path too long ({size} bytes, at most {UNIX_PATH_MAX - 1}): {text!r}")
         return Address(socket.AF_UNIX, text, text)
 
     if text.startswith("@"):

@@ -150,10 +150,24 @@ def _instance_sockets(directory: str) -> list[tuple[int, str]]:
     return sorted(found)[:FIND_MAX]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _sweep(directory: str) -> None:
     """Remove the sockets of activators that died without cleaning up (SIGKILL). Safe: a live one
     is only ever visible under its name once it listens (see _bind)."""
-    for _, path in _instance_sockets(directory):
+    for pid, path in _instance_sockets(directory):
+        # Only the sockets of activators that are gone are probed: connecting to a live one would
+        # wake it (idle means idle, for every other activator on the machine too).
+        if _pid_alive(pid):
+            continue
         if not _answers(path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -204,7 +218,8 @@ def find_socket(path: str | None = None, pid: int | None = None) -> str:
     problem = directory_problem(directory)
     if problem and os.path.lexists(directory):
         raise ControlError("unreachable", f"refusing the control directory: {problem}")
-    live = [(p, sock) for p, sock in _instance_sockets(directory) if _answers(sock)]
+    # By pid, not by connecting: a probe would wake every activator on the machine.
+    live = [(p, sock) for p, sock in _instance_sockets(directory) if _pid_alive(p)]
     if not live:
         raise ControlError("unreachable", f"no activator found in {directory} "
                                           f"(give --socket PATH, or set ACTIVATOR_CONTROL_SOCKET)")

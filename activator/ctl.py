@@ -90,7 +90,8 @@ def _report_units(result: Any) -> bool:
 @click.option("-s", "--socket", "socket_path", metavar="PATH",
               help="The control socket [default: $ACTIVATOR_CONTROL_SOCKET, else the only activator answering "
                    "in the default directory].")
-@click.option("--pid", type=click.IntRange(1), metavar="PID", help="The activator with this pid (its socket in the default directory).")
+@click.option("--pid", type=click.IntRange(1), metavar="PID",
+              help="The activator with this pid (its socket in the default directory).")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for an answer.")
 @click.pass_context
@@ -203,8 +204,8 @@ def _last_exit(u: dict[str, Any], now: float) -> str:
 
 def _row(u: dict[str, Any], now: float) -> list[str]:
     c, p = u["counters"], u["processes"]
-    stats = ["-"] * 5 if not p or not p["count"] else [f"{p['cpu_seconds']:.2f}s", f"{p['cpu_percent']:.1f}", _size(p["rss_bytes"]),
-                                     str(p["open_fds"]), str(p["threads"])]
+    stats = ["-"] * 5 if not p or not p["count"] else [
+        f"{p['cpu_seconds']:.2f}s", f"{p['cpu_percent']:.1f}", _size(p["rss_bytes"]), str(p["open_fds"]), str(p["threads"])]
     return [u["name"], _state(u), str(u["main_pid"] or "-"), str(u["instances"]), _duration(u["uptime"]),
             *(str(c[k]) for k in ("activations", "starts", "accepted", "refused", "denied", "restarts")),
             _last_exit(u, now), *stats, ", ".join(u["listen"])]

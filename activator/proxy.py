@@ -712,7 +712,8 @@ class Proxy:
     def _hand_over(self, pu: ProxyUnit) -> None:
         """A retired unit's waiting connections go to the unit that replaced it, if it is a proxy too."""
         successor = self.engine.units.get(pu.us.name)
-        if successor is not None and successor is not pu.us and successor.unit.service.proxy_to is not None:
+        if (successor is not None and successor is not pu.us and successor.unit.service.proxy_to is not None
+                and successor.waiting_for is None):  # one that still waits for another generation cannot start
             waiting, pu.pending = pu.pending, deque()
             for client in waiting:
                 self._release(pu, client.addr)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import array
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import processes
 from .loop import TimerHandle, cancel
@@ -93,12 +92,27 @@ class NotifyMessage:
         self.fds = []
 
 
+def _remove_directory(directory: str) -> None:
+    """Remove one of our notify directories (it holds only our sockets: no tree to walk)."""
+    try:
+        for name in os.listdir(directory):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
 def _private_directory() -> str:
     """A directory of ours for notify sockets: 0711, so a daemon running as another user reaches the
     socket it is given (which is only its own user's, mode 0600) and lists nothing."""
+    import tempfile  # here: only a unit with a notify socket pays for it (its imports cost ~1 MiB idle)
+
     directory = tempfile.mkdtemp(prefix="activator-notify-")
     if len(os.fsencode(directory)) > 90:  # leave room in sun_path (108 bytes) for the socket's name
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_directory(directory)
         directory = tempfile.mkdtemp(prefix="activator-notify-", dir="/tmp")
     os.chmod(directory, 0o711)
     return directory
@@ -177,7 +191,7 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
         if self.own_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_directory(self.directory)
         else:
             try:
                 os.unlink(self.path)
@@ -202,7 +216,6 @@ class _Run:
     start_deadline: float = 0.0
     watchdog_timer: TimerHandle | None = None
     watchdog_usec: int = 0
-    pidfd: int | None = None  # watching a MAINPID= that is not our child
 
 
 @dataclass(eq=False)
@@ -235,6 +248,9 @@ class NotifyHub:
         self.strangers = RateLimit(1.0, STRANGER_BURST)  # messages not from a daemon of ours, per second
         self.dropped = 0
         self._hup: select.epoll | None = None  # stored descriptors, watched for EPOLLHUP/EPOLLERR only
+        # pid -> pidfd of each MAINPID= that is not our child, kept until it exits (after its run too:
+        # a former main process stays the unit's to reap)
+        self.foreign: dict[int, int] = {}
         self._counter = 0
 
     @property
@@ -303,6 +319,8 @@ class NotifyHub:
         for run in self.runs.values():
             self._cancel(run)
         self.runs.clear()
+        for pid in list(self.foreign):
+            self._unwatch_foreign(pid)
         for name in list(self.stores):
             self._drop_store(name)
         if self._hup is not None:
@@ -312,7 +330,7 @@ class NotifyHub:
         for name in list(self.sockets):
             self._close_socket(name)
         if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_directory(self.directory)
             self.directory = None
 
     def drop_unit(self, name: str) -> None:
@@ -331,10 +349,6 @@ class NotifyHub:
         cancel(run.start_timer)
         cancel(run.watchdog_timer)
         run.start_timer = run.watchdog_timer = None
-        if run.pidfd is not None:
-            self.loop.remove(run.pidfd)
-            os.close(run.pidfd)
-            run.pidfd = None
 
     def _forget(self, us) -> None:
         run = self.runs.pop(id(us), None)
@@ -365,12 +379,10 @@ class NotifyHub:
 
     def _watchdog_fired(self, us, run: _Run) -> None:
         run.watchdog_timer = None
-        if not self._current(us, run):
-            return
-        self.log.warning(
-            "watchdog", f"watchdog timeout (no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s), sending SIGABRT",
-            unit=us.name, pid=us.main_pid,
-        )
+        if not self._current(us, run) or us.forced is not None:
+            return  # already being stopped: a WATCHDOG=trigger loop must not signal it again and again
+        why = f"no WATCHDOG=1 within {run.watchdog_usec / 1e6:g}s" if run.watchdog_usec else "WATCHDOG=trigger"
+        self.log.warning("watchdog", f"watchdog timeout ({why}), sending SIGABRT", unit=us.name, pid=us.main_pid)
         self.engine.stop_unit(us, reason="watchdog", sig=signal.SIGABRT)
 
     def _owner(self, name: str, pid: int):
@@ -434,7 +446,8 @@ class NotifyHub:
         if extend is not None and not run.ready and run.start_timer is not None:
             extra = _positive_usec(extend)
             if extra is None:
-                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a positive number of µs", unit=us.name)
+                self.log.warning("notify", f"ignored EXTEND_TIMEOUT_USEC={extend[:40]!r}: not a positive number of µs",
+                                 unit=us.name)
             elif self.engine.clock() + extra > run.start_deadline:
                 self._set_start_timer(us, run, self.engine.clock() + extra)
         if message.get("READY") == "1" and not run.ready:
@@ -482,29 +495,36 @@ class NotifyHub:
         if new <= 0:
             self.log.warning("notify", f"ignored invalid MAINPID={text[:40]!r}", unit=us.name)
             return
+        fd = None
+        if processes.parent_of(new) != os.getpid():
+            # Not our child: its exit comes through a pidfd (its parent reaps it). Opened before the
+            # checks, so it names the process checked, and a process we cannot watch is refused.
+            try:
+                fd = os.pidfd_open(new)
+            except (OSError, AttributeError):
+                self.log.warning("notify", f"ignored MAINPID={new}: gone, or cannot be watched", unit=us.name)
+                return
         if not self.engine.adopt_main_pid(us, new):
+            if fd is not None:
+                os.close(fd)
             self.log.warning("notify", f"ignored MAINPID={new}: not a process of this daemon", unit=us.name)
             return
         run.pid = new
         self.log.info("main-pid", f"main pid is now {new}", unit=us.name, pid=new)
-        if processes.parent_of(new) != os.getpid():
-            self._watch_foreign(us, run, new)
+        if fd is not None:
+            self._unwatch_foreign(new)
+            self.foreign[new] = fd
+            self.loop.add_reader(fd, partial(self._foreign_exited, us, new), us)
 
-    def _watch_foreign(self, us, run: _Run, pid: int) -> None:
-        """A main process that is not our child: its exit comes through a pidfd (its parent reaps it)."""
-        try:
-            fd = os.pidfd_open(pid)
-        except (OSError, AttributeError):
-            return
-        run.pidfd = fd
-        self.loop.add_reader(fd, lambda: self._foreign_exited(us, run, pid), us)
+    def _unwatch_foreign(self, pid: int) -> None:
+        fd = self.foreign.pop(pid, None)
+        if fd is not None:
+            self.loop.remove(fd)
+            os.close(fd)
 
-    def _foreign_exited(self, us, run: _Run, pid: int) -> None:
-        if run.pidfd is not None:
-            self.loop.remove(run.pidfd)
-            os.close(run.pidfd)
-            run.pidfd = None
-        if us.main_pid != pid or self.engine.unit_of_pid(pid) is not us:
+    def _foreign_exited(self, us, pid: int) -> None:
+        self._unwatch_foreign(pid)  # its own pidfd only: a readable pidfd left watched spins the loop
+        if self.engine.unit_of_pid(pid) is not us:
             return
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)

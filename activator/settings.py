@@ -141,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
     _socket("reuse-port", "reuse_port", v.Bool(), "SO_REUSEPORT.", "ReusePort", "socket-rebind",
             flags=("--reuse-port",)),
     _socket("free-bind", "free_bind", v.Bool(), "IP_FREEBIND: bind to an address not (yet) configured.",
-            "FreeBind", "socket-rebind", flags=("--free-bind",)),
+            "FreeBind", "socket-live", flags=("--free-bind",)),
     _socket("keep-alive", "keep_alive", v.Bool(), "SO_KEEPALIVE.", "KeepAlive", "socket-live",
             flags=("--keep-alive",)),
     _socket("no-delay", "no_delay", v.Bool(), "TCP_NODELAY.", "NoDelay", "socket-live", flags=("--no-delay",)),
@@ -205,7 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
     _service("restart-sec", "restart_sec", v.Time(why="a restart that never comes is restart = \"no\""),
              "Delay before such a restart.", "RestartSec", "unit", flags=("--restart-sec",)),
     _service("timeout-start-sec", "timeout_start", v.Time("accept", zero_is_infinity=True), "type = notify: how "
-             "long the daemon has to send READY=1 (0 or infinity: no limit).", "TimeoutStartSec", "unit", flags=("--timeout-start-sec",)),
+             "long the daemon has to send READY=1; proxy units: how long a connection waits for the backend to "
+             "accept (0 or infinity: no limit).", "TimeoutStartSec", "unit", flags=("--timeout-start-sec",)),
     _service("timeout-stop-sec", "timeout_stop", v.Time("accept", zero_is_infinity=True), "How long a stopping "
              "daemon gets after its kill signal before SIGKILL (0 or infinity: never; systemd's default is 90s, 10s "
              "is a container engine's grace period).", "TimeoutStopSec",

@@ -48,7 +48,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .processes import lookup_group, lookup_user
-from .units import ListenSpec
+from .units import BindSpec, ListenSpec
 
 SOL_IP = getattr(socket, "SOL_IP", 0)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
@@ -338,7 +338,7 @@ def remove_stale_socket(path: str, sock_type: int) -> None:
     os.unlink(path)
 
 
-def _clear_the_way(parent: _Parent, spec: ListenSpec, trusted: frozenset[int],
+def _clear_the_way(parent: _Parent, spec: BindSpec, trusted: frozenset[int],
                    replacing: Collection[BoundSocket]) -> Takeover | None:
     """Make room for the new socket file: nothing there, a dead socket we may replace, or our own being replaced."""
     try:
@@ -350,12 +350,12 @@ def _clear_the_way(parent: _Parent, spec: ListenSpec, trusted: frozenset[int],
     holder = _HELD.get(_ident(st))
     if holder is not None:
         if holder in replacing:
-            return _take_over(parent, spec.address.path, _ident(st))  # type: ignore[union-attr,arg-type]
+            return _take_over(parent, spec.address.path, _ident(st))  # type: ignore[arg-type]
         raise _refuse("in use by activator itself (another of its sockets holds it)", errno.EADDRINUSE)
     if st.st_uid not in trusted:
         raise _refuse(f"a socket owned by uid {st.st_uid} is there; refusing to replace it", errno.EEXIST)
     if _RELEASED.get(_ident(st)) != st.st_ctime_ns:  # ours, closed and untouched since: no probe needed
-        reason = _probe(spec.address.path, spec.type)  # type: ignore[union-attr,arg-type]
+        reason = _probe(spec.address.path, spec.type)  # type: ignore[arg-type]
         if reason:
             raise _refuse(reason, errno.EADDRINUSE)
     try:
@@ -421,9 +421,9 @@ def _umask_mode() -> int:
     return 0o777 & ~current
 
 
-def _bind_unix_path(sock: socket.socket, spec: ListenSpec, bound: BoundSocket,
+def _bind_unix_path(sock: socket.socket, spec: BindSpec, bound: BoundSocket,
                     replacing: Collection[BoundSocket]) -> None:
-    path: str = spec.address.path  # type: ignore[union-attr,assignment]
+    path: str = spec.address.path  # type: ignore[assignment]
     uid, gid = _lookup_ids(spec.socket_user, spec.socket_group)
     bound.trusted = _trusted(uid)
     walk = _Walk(bound.trusted, set(), spec.directory_mode)
@@ -450,7 +450,7 @@ def _bind_unix_path(sock: socket.socket, spec: ListenSpec, bound: BoundSocket,
             bound.file.ctime_ns = _lstat(parent, parent.name).st_ctime_ns
 
 
-def _v6only(spec: ListenSpec) -> int | None:
+def _v6only(spec: BindSpec) -> int | None:
     """IPV6_V6ONLY as configured; None: the kernel's default (net.ipv6.bindv6only)."""
     if spec.bind_ipv6_only == "both" or (spec.bind_ipv6_only == "default" and spec.address and spec.address.any_port):
         return 0
@@ -459,7 +459,7 @@ def _v6only(spec: ListenSpec) -> int | None:
     return None
 
 
-def _bind_time_options(sock: socket.socket, spec: ListenSpec) -> None:
+def _bind_time_options(sock: socket.socket, spec: BindSpec) -> None:
     if sock.family not in IP_FAMILIES:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -470,7 +470,7 @@ def _bind_time_options(sock: socket.socket, spec: ListenSpec) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
-def _live_options(sock: socket.socket, spec: ListenSpec) -> list[tuple[str, int, int]]:
+def _live_options(sock: socket.socket, spec: BindSpec) -> list[tuple[str, int, int]]:
     """(attribute, level, option) of the options a bound socket takes at any time."""
     options = [("keep_alive", socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                ("receive_buffer", socket.SOL_SOCKET, socket.SO_RCVBUF),
@@ -484,7 +484,7 @@ def _live_options(sock: socket.socket, spec: ListenSpec) -> list[tuple[str, int,
     return options
 
 
-def _set_options(sock: socket.socket, spec: ListenSpec, previous: ListenSpec | None = None) -> None:
+def _set_options(sock: socket.socket, spec: BindSpec, previous: BindSpec | None = None) -> None:
     """Set what ``spec`` asks for; with ``previous`` (a kept socket), only what differs from it."""
     for attr, level, option in _live_options(sock, spec):
         value = getattr(spec, attr)
@@ -493,7 +493,7 @@ def _set_options(sock: socket.socket, spec: ListenSpec, previous: ListenSpec | N
             sock.setsockopt(level, option, int(value))
 
 
-def _new_socket(spec: ListenSpec) -> socket.socket:
+def _new_socket(spec: BindSpec) -> socket.socket:
     addr = spec.address
     assert addr is not None
     if addr.any_port:
@@ -507,7 +507,7 @@ def _new_socket(spec: ListenSpec) -> socket.socket:
     return socket.socket(addr.family, spec.type)
 
 
-def _bind_address(sock: socket.socket, spec: ListenSpec) -> None:
+def _bind_address(sock: socket.socket, spec: BindSpec) -> None:
     """bind() an IP, vsock or abstract address; EADDRINUSE because we hold it ourselves says so."""
     addr = spec.address
     assert addr is not None
@@ -527,7 +527,8 @@ def open_socket(spec: ListenSpec, replacing: Collection[BoundSocket] = ()) -> Bo
     ``replacing``: sockets of the running configuration that the caller will close if it commits (a
     reload). A unix path held by one of them is taken over (see Takeover): the new socket gets the path
     at once, ``commit()`` makes that final, ``close()``/``discard()`` before it gives the path back."""
-    if spec.inherited_fd is not None:
+    if not isinstance(spec, BindSpec):
+        assert spec.inherited_fd is not None, "a listen-inherited spec that check did not resolve"
         bound = BoundSocket(spec, socket.socket(fileno=spec.inherited_fd))
         _OPEN.add(bound)
         return bound
@@ -590,7 +591,7 @@ def needs_new_socket(bound: BoundSocket, new: ListenSpec) -> str | None:
     old = bound.spec
     if (old.address and old.address.text) != (new.address and new.address.text) or old.inherited_fd != new.inherited_fd:
         return "the address changed"
-    if old.inherited_fd is not None:
+    if not isinstance(old, BindSpec) or not isinstance(new, BindSpec):
         return None
     if old.type != new.type:
         return "the socket type changed"
@@ -614,7 +615,7 @@ def apply_live_options(bound: BoundSocket, new: ListenSpec) -> None:
     On OSError the socket is put back as it was (best effort) and the error raised; calling it again with
     the previous spec undoes a successful call."""
     old = bound.spec
-    if new.inherited_fd is not None:
+    if not isinstance(old, BindSpec) or not isinstance(new, BindSpec):
         bound.spec = new
         return
     try:
@@ -628,7 +629,7 @@ def apply_live_options(bound: BoundSocket, new: ListenSpec) -> None:
     bound.spec = new
 
 
-def _apply(bound: BoundSocket, old: ListenSpec, new: ListenSpec) -> None:
+def _apply(bound: BoundSocket, old: BindSpec, new: BindSpec) -> None:
     _set_options(bound.sock, new, previous=old)
     if new.type != socket.SOCK_DGRAM and new.backlog != old.backlog:
         bound.sock.listen(new.backlog)  # on a listening socket this only changes the backlog
@@ -637,7 +638,7 @@ def _apply(bound: BoundSocket, old: ListenSpec, new: ListenSpec) -> None:
         _update_file(bound, new, owner_changed)
 
 
-def _update_file(bound: BoundSocket, new: ListenSpec, owner_changed: bool) -> None:
+def _update_file(bound: BoundSocket, new: BindSpec, owner_changed: bool) -> None:
     """chown/chmod our socket file, after checking the path still holds our inode (never following links)."""
     file = bound.file
     assert file is not None

@@ -3,8 +3,11 @@
 LISTEN_PID must be the pid of the exec'd daemon, which the parent learns only
 after the child exists. Three ways to start a child, fastest first:
 
-* ``_fastspawn`` (our C extension): vfork, write the pid into LISTEN_PID in the
-  child, exec. As fast as posix_spawn and exact.
+* ``_fastspawn`` (our C extension): clone a child that shares our memory, write
+  the pid into LISTEN_PID in the child, exec. :func:`spawn` waits until the
+  exec is done (vfork); :func:`start` returns at once, so that the kernel loads
+  the program on another core while we accept the next connection, and an exec
+  failure is learnt when the child (exit status 127) is reaped: :func:`reaped`.
 * ``os.posix_spawn``: used when no LISTEN_PID and no credentials or directory
   change are needed (inetd-style instances).
 * ``os.fork`` + ``os.execve``: always correct, slowest.
@@ -18,7 +21,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 
@@ -76,16 +78,19 @@ def resolve(command: str, path: str | None) -> str:
         if os.path.isdir(command) or not os.access(command, os.X_OK):
             raise SpawnError(f"{command}: not executable")
         return command
-    found = shutil.which(command, path=path if path is not None else os.defpath)
-    if not found:
-        raise SpawnError(f"{command}: command not found")
-    return found
+    for directory in (path if path is not None else os.defpath).split(os.pathsep):
+        # What shutil.which does, without importing shutil: it brings bz2, lzma and zlib along
+        # (0.3 MiB that a long-running engine would keep for one lookup).
+        candidate = os.path.join(directory, command)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise SpawnError(f"{command}: command not found")
 
 
-def _exec_error(spec: SpawnSpec, err: int, step: str) -> SpawnError:
+def _exec_error(name: str, err: int, step: str) -> SpawnError:
     what = {errno.ENOENT: "command not found", errno.EACCES: "permission denied", errno.ENOEXEC: "not an executable format"}
     reason = what.get(err, os.strerror(err)) if step == "exec" else f"{step}: {os.strerror(err)}"
-    return SpawnError(f"{spec.argv[0]}: {reason}")
+    return SpawnError(f"{name}: {reason}")
 
 
 def encode_environment(env: dict[str, str]) -> list[bytes]:
@@ -107,7 +112,8 @@ def _env_dict(env: dict[str, str] | list[bytes]) -> dict[str, str]:
     return result
 
 
-def _spawn_fast(spec: SpawnSpec) -> int:
+def _spawn_fast(spec: SpawnSpec, wait: bool = True) -> int:
+    """The C path: ``_fastspawn.spawn`` (wait for the exec) or ``_fastspawn.start``."""
     envp = _env_list(spec.env)
     pid_index = watchdog_index = -1
     if spec.listen_pid:
@@ -117,15 +123,15 @@ def _spawn_fast(spec: SpawnSpec) -> int:
         watchdog_index = len(envp)
         envp.append(b"WATCHDOG_PID=")
     try:
-        return _fastspawn.spawn(
+        return (_fastspawn.spawn if wait else _fastspawn.start)(
             os.fsencode(spec.executable), [os.fsencode(a) for a in spec.argv], envp, spec.fd_map(), pid_index,
             1 if spec.new_session else 2 if spec.new_group else 0,
             os.fsencode(spec.cwd) if spec.cwd else None, spec.uid, spec.gid,
-            spec.groups, -1 if spec.umask is None else spec.umask, list(RESET_SIGNALS), watchdog_index,
+            spec.groups, -1 if spec.umask is None else spec.umask, RESET_SIGNALS, watchdog_index,
         )
     except OSError as exc:
         step = getattr(exc, "filename", None) or "exec"
-        raise _exec_error(spec, exc.errno or errno.EIO, step) from None
+        raise _exec_error(spec.argv[0], exc.errno or errno.EIO, step) from None
 
 
 def _spawn_posix(spec: SpawnSpec) -> int:
@@ -141,7 +147,7 @@ def _spawn_posix(spec: SpawnSpec) -> int:
             setsigmask=(), setsigdef=RESET_SIGNALS, **group,
         )
     except OSError as exc:
-        raise _exec_error(spec, exc.errno or errno.EIO, "exec") from None
+        raise _exec_error(spec.argv[0], exc.errno or errno.EIO, "exec") from None
 
 
 def _child(spec: SpawnSpec, report: int) -> None:
@@ -217,7 +223,7 @@ def _spawn_fork(spec: SpawnSpec) -> int:
         except ChildProcessError:
             pass
         err, _, step = data.decode().partition(":")
-        raise _exec_error(spec, int(err), step)
+        raise _exec_error(spec.argv[0], int(err), step)
     return pid
 
 
@@ -229,3 +235,30 @@ def spawn(spec: SpawnSpec) -> int:
     if simple and not spec.listen_pid and not spec.watchdog_pid:
         return _spawn_posix(spec)
     return _spawn_fork(spec)
+
+
+def start(spec: SpawnSpec) -> int:
+    """Start the child and return its pid without waiting for its exec.
+
+    The caller may close its copies of ``spec``'s descriptors at once. SpawnError for what is
+    known at once (bad descriptors are not: they are an exec-time failure here); when the exec
+    fails the child exits with status 127 and :func:`reaped` names the reason. Where the C
+    extension cannot start without waiting (no extension, or not x86_64/aarch64) this is
+    :func:`spawn`, and every failure is raised here.
+    """
+    if _fastspawn is None:
+        return spawn(spec)
+    return _spawn_fast(spec, wait=False)
+
+
+def reaped(pid: int, name: str) -> SpawnError | None:
+    """``pid``, a child of :func:`start`, has been reaped: forget it; why it could not start, if so.
+
+    ``name`` is the command's name for the message (``argv[0]``). Call it for every reaped child
+    of start(): that is when a failure is claimed (unclaimed ones are kept, at most 1,024). A call
+    for a pid that is still running is harmless: a copy is freed only once its child is gone.
+    """
+    if _fastspawn is None:
+        return None
+    failure = _fastspawn.reaped(pid)
+    return None if failure is None else _exec_error(name, *failure)

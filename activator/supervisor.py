@@ -39,7 +39,7 @@ from .proxy import Proxy
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
-from .spawn import SpawnError, SpawnSpec, encode_environment, resolve, spawn
+from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Unit
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
@@ -55,7 +55,17 @@ class Host:
     """The operating system as the engine uses it: starting, signalling, reaping and reading processes."""
 
     def spawn(self, spec: SpawnSpec) -> int:
+        """Start and wait until the child has exec'd: an exec failure is a SpawnError here."""
         return spawn(spec)
+
+    def start(self, spec: SpawnSpec) -> int:
+        """Start without waiting for the exec (per-connection instances): an exec failure is
+        known only once the child is reaped (exec_failure)."""
+        return start(spec)
+
+    def exec_failure(self, pid: int, name: str) -> SpawnError | None:
+        """Why a child made with start() could not exec, once it has been reaped; None when it did."""
+        return reaped(pid, name)
 
     def kill(self, pid: int, sig: int) -> None:
         try:
@@ -173,8 +183,7 @@ class UnitState:
     kill_timer: TimerHandle | None = None
     retired: bool = False  # removed or replaced by a reload: never start again
     failed: str | None = None  # why the unit failed (a fault in its handling): no activation until restarted
-    successor: "UnitState | None" = None  # armed once this one's processes are gone
-    waiting_for: "UnitState | None" = None
+    waiting_for: "UnitState | None" = None  # a retired generation still running on our name or sockets
     forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog')
     held: bool = False  # `ctl stop --disarm`: not listened on until started again
     manual_stop: bool = False  # `ctl stop`: no restart= after this exit
@@ -273,6 +282,7 @@ class Engine:
         self.done = False
         self.global_faults = 0
         self.stats_by_name: dict[str, UnitStats] = {}
+        self.draining: list[UnitState] = []  # retired units whose daemons still run: their sockets stay open
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
@@ -582,7 +592,9 @@ class Engine:
             umask=svc.umask,
         )
         try:
-            return self.host.spawn(spec)
+            # An instance does not wait for its exec: the engine goes back to accepting while the kernel
+            # loads the program (an exec failure is reported when the instance is reaped).
+            return self.host.start(spec) if conn is not None else self.host.spawn(spec)
         except SpawnError:
             us.executable = None  # look it up again next time: it may be installed by then
             raise
@@ -764,6 +776,11 @@ class Engine:
             self._check_stopped()
 
     def _instance_exited(self, us: UnitState, pid: int, status: int) -> None:
+        failed = self.host.exec_failure(pid, us.unit.service.argv[0])
+        if failed is not None:
+            us.stats.start_failures += 1
+            us.executable = None  # look it up again next time: it may be installed by then
+            self.log.error("start-failed", f"cannot start instance: {failed}", unit=us.name, pid=pid)
         addr = us.instances.pop(pid, None)
         if addr is not None:
             left = us.per_source.get(addr, 1) - 1
@@ -848,10 +865,14 @@ class Engine:
         """The unit has no process left."""
         cancel(us.kill_timer)
         us.kill_timer = None
-        if us.successor is not None:
-            succ, us.successor = us.successor, None
-            succ.waiting_for = None
-            self.loop.dispatch(lambda: self._activate(succ), succ)
+        if us.retired and us in self.draining:
+            self.draining.remove(us)
+            self._close_unit(us, keep=self._sockets_in_use())
+        if us.retired:
+            for succ in [s for s in self.units.values() if s.waiting_for is us]:
+                succ.waiting_for = self._blocker(succ)  # another donor of its sockets may still run
+                if succ.waiting_for is None:
+                    self.loop.dispatch(partial(self._activate, succ), succ)
         self.proxy.idle(us)  # connections waiting for a proxy unit's daemon
         if us.retired or us.failed or self.stopping:
             return
@@ -903,8 +924,9 @@ class Engine:
         self.publish("stopping", us, reason=reason)
 
     def _kill_after_timeout(self, us: UnitState) -> None:
+        if us.kill_timer is not None and us.kill_timer.active:
+            return  # the first deadline holds: asking again (WATCHDOG=trigger, ctl stop) must not postpone SIGKILL
         timeout = us.unit.service.timeout_stop
-        cancel(us.kill_timer)
         us.kill_timer = None
         if timeout != float("inf"):
             us.kill_timer = self.loop.call_later(timeout, lambda: self._kill_unit(us), us)
@@ -1042,7 +1064,8 @@ class Engine:
             ss.bound.close(remove_file=ss.bound.spec.remove_on_stop)
 
     def _close_all(self) -> None:
-        steps: list[Callable[[], None]] = [partial(self._close_unit, us, set()) for us in self.units.values()]
+        steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
+                                           for us in [*self.units.values(), *self.draining]]
         for step in [*steps, self.proxy.close, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
@@ -1062,6 +1085,11 @@ class Engine:
             for line in lines:
                 self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
             return ReloadResult(False, errors=list(lines))
+        if not new_units:
+            # An empty or half-written file (an editor saving in place) must not stop every unit.
+            line = "no units in the new configuration"
+            self.log.error("reload", f"reload failed, keeping the running configuration: {line}")
+            return ReloadResult(False, errors=[line])
         return self.apply(new_units)
 
     def apply(self, new_units: list[Unit]) -> ReloadResult:
@@ -1077,6 +1105,9 @@ class Engine:
         keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed}
         # Sockets of units that change or go are a pool the new units take theirs from.
         retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
+        held = {id(ss.bound) for us in old.values() for ss in us.sockets}
+        retiring += [ss.bound for us in self.draining for ss in us.sockets if id(ss.bound) not in held]
+        retiring = list({id(b): b for b in retiring}.values())
         pool: dict[tuple, list[BoundSocket]] = {}
         for b in retiring:
             pool.setdefault(_socket_key(b.spec), []).append(b)
@@ -1090,9 +1121,10 @@ class Engine:
             ok = True
             for spec in unit.sockets:
                 candidates = pool.get(_socket_key(spec), [])
-                b = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
-                if b is not None:
-                    candidates.remove(b)
+                kept = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
+                if kept is not None:
+                    candidates.remove(kept)
+                    b = kept
                 else:
                     try:  # a unix path held by a retiring socket is taken over, and given back on failure
                         b = open_all([spec], replacing=retiring)[0]
@@ -1139,10 +1171,6 @@ class Engine:
             if prev is not None:
                 result.changed.append(unit.name)
                 self._retire(prev, taken)
-                # Never two generations at once: wait for the oldest one still running.
-                blocker = prev.waiting_for or (prev if prev.has_processes() else None)
-                if blocker is not None:
-                    blocker.successor, state.waiting_for = state, blocker
             else:
                 result.added.append(unit.name)
             for b in bound:
@@ -1151,12 +1179,23 @@ class Engine:
             units[unit.name] = state
         self.units = {u.name: units[u.name] for u in new_units}
         for _, state, _ in plans:
+            state.waiting_for = self._blocker(state)
             if state.waiting_for is None:
                 self.loop.dispatch(partial(self._activate, state), state)
         self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
                                 f"{len(result.added)} added, {len(result.removed)} removed")
         self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
         return result
+
+    def _blocker(self, state: UnitState) -> UnitState | None:
+        """A retired generation still running that ``state`` must wait for: never two generations of a
+        unit at once, nor two daemons on one socket (a unit renamed by a reload keeps its socket)."""
+        mine = {id(ss.bound) for ss in state.sockets}
+        for us in set(self.pids.values()):  # every unit with a process, retired ones included
+            if us is not state and us.retired and (us.name == state.name or
+                                                   any(id(ss.bound) in mine for ss in us.sockets)):
+                return us
+        return None
 
     def _apply_live(self, state: UnitState, b: BoundSocket, spec) -> None:
         """Options of a kept socket that changed (backlog, buffers, mode, ...) take effect now. A failure
@@ -1175,9 +1214,16 @@ class Engine:
         cancel(us.restart_timer)
         cancel(us.pause_timer)
         us.restart_pending = False
-        # Sockets not carried over close now; a daemon still running keeps its own copies until it exits.
         self.stop_unit(us)
-        self._close_unit(us, keep=keep)
+        if us.has_processes():
+            # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
+            # back, or gives its address to another unit, takes them instead of failing to bind beside it.
+            self.draining.append(us)
+        else:
+            self._close_unit(us, keep=keep)
+
+    def _sockets_in_use(self) -> set[int]:
+        return {id(ss.bound) for us in [*self.units.values(), *self.draining] for ss in us.sockets}
 
 
 def _socket_key(spec) -> tuple:

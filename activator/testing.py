@@ -32,10 +32,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .protocol import STRIP_ENV
 from .spawn import SpawnSpec, resolve, spawn
+
+if TYPE_CHECKING:
+    from .sdnotify import NotifySocket
 
 __all__ = ["Activated", "DaemonDied", "activate", "start"]
 
@@ -45,12 +48,17 @@ POLL = 0.05  # how often a blocked read checks that the daemon is still alive
 class DaemonDied(RuntimeError):
     """The daemon exited before answering; carries its exit status and what it wrote on stderr."""
 
-    def __init__(self, argv: Sequence[str], pid: int, returncode: int, stderr: str):
+    def __init__(self, argv: Sequence[str], pid: int, returncode: int | None, stderr: str):
         self.argv = list(argv)
         self.pid = pid
         self.returncode = returncode
         self.stderr = stderr
-        how = f"killed by signal {_signal_name(-returncode)}" if returncode < 0 else f"exited with status {returncode}"
+        if returncode is None:
+            how = "ended"
+        elif returncode < 0:
+            how = f"killed by signal {_signal_name(-returncode)}"
+        else:
+            how = f"exited with status {returncode}"
         tail = stderr.rstrip()
         super().__init__(f"{self.argv[0]} (pid {pid}) {how} before answering"
                          + (f"; its stderr:\n{tail}" if tail else " (no stderr output)"))
@@ -162,7 +170,7 @@ class Activated:
         self.stop_timeout = stop_timeout
         self.fdname = fdname
         self.pid: int = 0
-        self.address = None
+        self.address: Any = None  # what socket.connect() takes: a path, or (host, port)
         self.status: str | None = None  # the last STATUS= (notify=True)
         self.tempdir: str | None = None
         self._listener: socket.socket | None = None
@@ -172,7 +180,7 @@ class Activated:
         self._captures: list[_Capture] = []
         self._stderr: _Capture | None = None
         self._stdout: _Capture | None = None
-        self._notify = None
+        self._notify: NotifySocket | None = None
         self._notify_stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -234,8 +242,7 @@ class Activated:
     def _launch(self, env: Mapping[str, str | None]) -> None:
         environment = self._environment(env)
         if self._want_notify:
-            self._start_notify()
-            environment["NOTIFY_SOCKET"] = self._notify.address
+            environment["NOTIFY_SOCKET"] = self._start_notify().address
         err_r, err_w = os.pipe()
         out_r, out_w = os.pipe()
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -256,7 +263,7 @@ class Activated:
             environment["LISTEN_FDS"] = "1"
             spec = _SpawnWithStderr(
                 executable=resolve(argv[0], environment.get("PATH", os.defpath)), argv=argv, env=environment,
-                fds=[self._listener.fileno()], listen_pid=True, stdin=devnull, stdout=out_w, stderr=err_w,
+                fds=[self._require_listener().fileno()], listen_pid=True, stdin=devnull, stdout=out_w, stderr=err_w,
             )
             with _no_stray_inheritance():
                 self.pid = spawn(spec)
@@ -283,18 +290,20 @@ class Activated:
         self._status_value = status
         self._exited.set()
 
-    def _start_notify(self) -> None:
+    def _start_notify(self) -> NotifySocket:
         from .sdnotify import NotifySocket
 
-        self._notify = NotifySocket()
+        self._notify = sock = NotifySocket()
         t = threading.Thread(target=self._notify_loop, name="activator-testing-notify", daemon=True)
         t.start()
         self._threads.append(t)
+        return sock
 
     def _notify_loop(self) -> None:
         from . import processes
 
         sock = self._notify
+        assert sock is not None
         while not self._notify_stop.is_set():
             r, _, _ = select.select([sock.fileno()], [], [], 0.1)
             if not r:
@@ -337,11 +346,16 @@ class Activated:
             self._stderr.join(2.0)  # the rest of what it wrote, bounded: a grandchild may hold the pipe
         return DaemonDied(self.argv, self.pid, self.returncode, self.stderr)
 
+    def _require_listener(self) -> socket.socket:
+        if self._listener is None:
+            raise RuntimeError("the daemon's socket is closed")
+        return self._listener
+
     def connect(self, timeout: float | None = None) -> Connection:
         """A new connection to the daemon; DaemonDied if it has exited."""
         if self.returncode is not None:
             raise self._died()
-        sock = socket.socket(self._listener.family, socket.SOCK_STREAM)
+        sock = socket.socket(self._require_listener().family, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout if timeout is None else timeout)
             sock.connect(self.address)
@@ -374,7 +388,9 @@ class Activated:
         """Wait for the daemon to exit by itself; its return code. TimeoutError after ``timeout``."""
         if not self._exited.wait(self.timeout if timeout is None else timeout):
             raise TimeoutError(f"{self.argv[0]} (pid {self.pid}) still running")
-        return self.returncode
+        code = self.returncode
+        assert code is not None  # set before _exited
+        return code
 
     # ------------------------------------------------------------- stopping
     def stop(self) -> int | None:

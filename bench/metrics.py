@@ -186,7 +186,7 @@ def accept_inetd(ctx: Context) -> list[dict]:
 
 def accept_fd3(ctx: Context) -> list[dict]:
     peers = ["activator", "systemd-socket-activate"]
-    targets = [{"against": "systemd-socket-activate", "op": "ge", "bound": 1.0}]
+    targets = [{"against": "systemd-socket-activate", "op": "ge", "bound": 1.3}]
     titles = {1: "2. Accept mode, connection at fd 3 (LISTEN_FDS=1), sequential",
               4: "2. Accept mode, connection at fd 3 (LISTEN_FDS=1), 4 concurrent clients"}
     return _conn_rate_metrics(ctx, "accept_fd3", peers, start_fd3_peer, [ctx.h["echo3"]], targets, titles)

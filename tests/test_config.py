@@ -128,10 +128,10 @@ def test_several_sockets_in_order_with_their_own_names_and_options(tmp_path):
 
 
 def test_service_keys(tmp_path):
-    (tmp_path / "env").write_text(textwrap.dedent("""\
+    (tmp_path / "env").write_text(textwrap.dedent(f"""\
         # comment
         ; another comment
-        FROM_FILE=plain value  
+        FROM_FILE=plain value{'  '}
         QUOTED="a \\"quoted\\" value"
         SINGLE='it''s'
         CONT=one \\

@@ -50,6 +50,11 @@ class FakeHost(Host):
         self.table[pid] = (self.pid, pid)
         return pid
 
+    start = spawn  # per-connection starts: the same bookkeeping here
+
+    def exec_failure(self, pid, name):
+        return None
+
     def kill(self, pid, sig):
         self.signals.append(("kill", pid, sig))
 

@@ -505,7 +505,7 @@ def test_reload_changing_the_type_at_the_same_path_takes_it_over(activator, tmp_
     a = activator("serve", "--log-format", "json", config)
     a.wait_listening(2)
     reload(a, config, reload_config(tmp_path).replace(
-        f'[a]\nsocket.listen-stream', f'[a]\nsocket.listen-sequential-packet'))
+        '[a]\nsocket.listen-stream', '[a]\nsocket.listen-sequential-packet'))
     assert "error" not in a.log, a.log
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
         c.connect(str(tmp_path / "a.sock"))

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import PROBE, free_port, read_probe, require, wait_for
 

@@ -94,7 +94,7 @@ _words = st.sampled_from([
     "nobody", "root", "nogroup", "no-such-user-xyz", "SIGTERM", "SIGKILL", "9", "always", "no", "on-failure",
     "control-group", "mixed", "process", "null", "socket", "inherit", "journal", "infinity", "100ms", "1min 30s",
     "-5s", "0755", "0o600", "777", "rwx", "localhost", "any", "link-local", "192.0.2.0/24", "::1/128", "1.2.3.4/33",
-    "true", "cat", "/bin/true", "²", "٣", "SIG²", "１０", "sh -c 'echo hi'", "'unterminated", "64K", "1G", "both", "ipv6-only", "",
+    "true", "cat", "/bin/true", "²", "٣", "SIG²", "１０", "sh -c 'echo hi'", "'unterminated", "64K", "1G", "both", "ipv6-only", "",  # noqa: E501
     "24d", "24d 1s", "30d", "0o7777", "1777", "a\x00b", "A=a\x00b", "exec", "none", "notify", "٣s", "99999999999999999999y",
 ])
 _scalar = st.one_of(

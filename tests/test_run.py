@@ -180,7 +180,7 @@ def test_multiple_sockets_in_order_with_exact_fds(activator, tmp_path):
     report = tmp_path / "r.json"
     a = activator("run", "-l", f"127.0.0.1:{p2}", "-l", path, "-l", f"127.0.0.1:{p1}", "--", *probe(report))
     a.wait_listening(3)
-    assert f"127.0.0.1:{p2} as fd 3" in a.log and f"as fd 4" in a.log and f"127.0.0.1:{p1} as fd 5" in a.log
+    assert f"127.0.0.1:{p2} as fd 3" in a.log and "as fd 4" in a.log and f"127.0.0.1:{p1} as fd 5" in a.log
     with connect(str(path)) as c:  # any of the sockets triggers the start
         hello(c)
     info = read_probe(report)

@@ -1,6 +1,5 @@
 """The core path of `activator run`: the daemon gets its sockets at fd 3.. and an exact LISTEN_* environment."""
 import os
-import signal
 import sys
 
 from conftest import PROBE, connect, free_port, pid_alive, read_probe

@@ -176,7 +176,7 @@ def test_what_check_accepts_serve_runs(data):
         return
     a = Activator(["serve", "--log-format", "json", path])
     try:
-        wait_for(lambda: a.proc.poll() is not None or len([l for l in a.lines if '"listen"' in l]) >= len(units),
+        wait_for(lambda: a.proc.poll() is not None or len([line for line in a.lines if '"listen"' in line]) >= len(units),
                  timeout=10, what="serve to listen")
         assert a.proc.poll() is None, f"serve exited {a.proc.returncode} on a configuration check accepted:\n{a.log}"
         for unit in doc.values():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
 import os
 import select
 import shutil
@@ -744,3 +745,307 @@ class TestFastspawnInterface:
         with pytest.raises((TypeError, ValueError, IndexError, OverflowError)):
             self.call(**bad)
         assert_no_children()
+
+
+# ---------------------------------------------------------------- start(): no wait for the exec
+
+
+def started(spec: S.SpawnSpec) -> int:
+    """start(), then wait until the child has exec'd or failed: a stand-in for spawn() in the tests above.
+
+    An exec failure is raised as spawn() raises it: the child (exit status 127) is reaped and
+    reaped() says why.
+    """
+    pid = S.start(spec)
+    ours = os.readlink("/proc/self/exe")
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None:  # over already: a failed start, or a short program
+            if info.si_code == os.CLD_EXITED and info.si_status == 127:
+                os.waitpid(pid, 0)
+                failure = S.reaped(pid, spec.argv[0])
+                if failure is None:
+                    pytest.fail(f"{spec.argv[0]} exited with 127 but reaped() reports no failure")
+                raise failure
+            return pid
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/exe") != ours:
+                return pid
+        if time.monotonic() > deadline:
+            pytest.fail(f"child {pid} neither exec'd nor exited")
+        time.sleep(0.001)
+
+
+def require_fastspawn():
+    if S._fastspawn is None:
+        if os.environ.get("CI"):
+            pytest.fail("activator._fastspawn is not built")
+        pytest.skip("activator._fastspawn is not built")
+
+
+class TestAgainWithStartAndClone:
+    """Every back-end test above again: through start(), and through the C library's clone, the
+    path taken where clone3 (CLONE_CLEAR_SIGHAND) is refused (Linux < 5.5, Docker's seccomp profile)."""
+
+    @pytest.fixture(params=["start", "fast-clone", "start-clone"])
+    def backend(self, request):
+        require_fastspawn()
+        name = request.param
+        previous = S._fastspawn._set_clone3(not name.endswith("-clone"))
+        b = Backend(name, S.spawn if name == "fast-clone" else started)
+        yield b
+        b.cleanup()
+        S._fastspawn._set_clone3(previous)
+
+
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and "backend" in inspect.signature(_test).parameters:
+        setattr(TestAgainWithStartAndClone, _name, staticmethod(_test))
+del _name, _test
+
+
+def wait_exit(pid: int) -> int:
+    """Reap pid and tell activator.spawn so; the exit code."""
+    code = reap(pid)
+    S.reaped(pid, "unused")
+    return code
+
+
+@pytest.fixture(params=["clone3", "clone"])
+def fast(request):
+    """The C start() path, with clone3 and with the C library's clone."""
+    require_fastspawn()
+    previous = S._fastspawn._set_clone3(request.param == "clone3")
+    yield request.param
+    S._fastspawn._set_clone3(previous)
+    assert S._fastspawn.pending() == (0, 0), "a test left a record or an unclaimed failure"
+
+
+@pytest.fixture
+def fast_default():
+    """The C start() path as it is (what keeps records is the same for both clone calls)."""
+    require_fastspawn()
+    yield
+    assert S._fastspawn.pending() == (0, 0), "a test left a record or an unclaimed failure"
+
+
+@pytest.mark.parametrize("case", ["missing", "not-executable", "cwd", "descriptor"])
+def test_start_reports_exec_failures_once_reaped(fast, tmp_path, case):
+    script = tmp_path / "daemon"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    a, b = socket.socketpair()
+    bad = a.fileno()
+    a.close()
+    b.close()
+    spec, message = {
+        "missing": (S.SpawnSpec("/no/such/dir/daemon", ["mydaemon"], env(), listen_pid=True),
+                    "mydaemon: command not found"),
+        "not-executable": (S.SpawnSpec(str(script), ["daemon"], env()), "daemon: permission denied"),
+        "cwd": (S.SpawnSpec(TRUE, ["true"], env(), cwd=str(tmp_path / "missing")),
+                "true: chdir: No such file or directory"),
+        "descriptor": (S.SpawnSpec(TRUE, ["true"], env(), fds=[bad]), "true: descriptors: Bad file descriptor"),
+    }[case]
+    if not S._fastspawn.ASYNC:  # start() waits for the exec on this machine: it raises as spawn() does
+        with pytest.raises(S.SpawnError, match=f"^{message}$"):
+            S.start(spec)
+        return
+    pid = S.start(spec)  # returns: the failure is only known once the child has tried
+    assert reap(pid) == 127
+    failure = S.reaped(pid, spec.argv[0])
+    assert isinstance(failure, S.SpawnError) and str(failure) == message
+    assert S.reaped(pid, spec.argv[0]) is None  # claimed once
+    assert_no_children()
+
+
+@pytest.mark.skipif(S._fastspawn is not None and not S._fastspawn.ASYNC, reason="start() waits for the exec here")
+def test_start_returns_while_the_child_execs(fast):
+    """With a 256 KiB environment the kernel takes a while to copy it in the exec: start() is back before."""
+    big = env(**{f"BIG{i}": "x" * 4096 for i in range(64)})
+    held = 0
+    for _ in range(10):
+        pid = S.start(S.SpawnSpec(TRUE, ["true"], big))
+        held += S._fastspawn.pending()[0]  # the child has not let go of its copy of the arguments yet
+        assert wait_exit(pid) == 0
+    assert held > 0
+
+
+def test_start_connection_closed_at_once(fast):
+    """The engine closes its copy of the connection right after start(): the daemon has its own, at fd 3."""
+    a, b = socket.socketpair()
+    try:
+        want = identity(a.fileno())
+        pid = S.start(S.SpawnSpec(SLEEP, ["sleep", "60"], env(), fds=[a.fileno()], listen_pid=True))
+        a.close()
+        wait_sleeping(pid, SLEEP)
+        fds = open_fds(pid)
+        fd3 = identity(f"/proc/{pid}/fd/3")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        fields = status_fields(pid)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_exit(pid) == -signal.SIGKILL
+        assert fds == {3} | inherited_fds() and {0, 1, 2} <= fds
+        assert fd3 == want
+        assert f"LISTEN_PID={pid}".encode() in environ
+        assert int(fields["SigBlk"], 16) == 0 and int(fields["SigCgt"], 16) == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_start_inetd_style_echo(fast):
+    a, b = socket.socketpair()
+    try:
+        cat = S.resolve("cat", os.environ.get("PATH"))
+        pid = S.start(S.SpawnSpec(cat, ["cat"], env(), stdin=a.fileno(), stdout=a.fileno(), new_session=False,
+                                  new_group=True))
+        a.close()
+        b.sendall(b"ping\n")
+        b.shutdown(socket.SHUT_WR)
+        assert read_all(b.fileno()) == b"ping\n"
+        assert wait_exit(pid) == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reaped_for_a_running_or_foreign_pid(fast):
+    """reaped() for a pid that is not (or not yet) reaped frees nothing the child still uses."""
+    pid = S.start(S.SpawnSpec(SLEEP, ["sleep", "60"], env(), listen_pid=True))
+    try:
+        assert S.reaped(pid, "sleep") is None  # wrong, but harmless
+        assert S.reaped(os.getpid(), "me") is None
+        wait_sleeping(pid, SLEEP)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert f"LISTEN_PID={pid}".encode() in f.read().split(b"\0")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_exit(pid)
+
+
+@pytest.mark.skipif(S._fastspawn is not None and not S._fastspawn.ASYNC, reason="start() raises failures here")
+def test_unclaimed_failures_are_bounded(fast_default):
+    """A caller that never asks reaped() keeps at most 1024 failures: the oldest go first."""
+    pids = []
+    for _ in range(1100):
+        pid = S.start(S.SpawnSpec("/no/such/daemon", ["daemon"], env()))
+        assert reap(pid) == 127
+        pids.append(pid)
+    assert S._fastspawn.pending() == (0, 1024)
+    claimed = [S.reaped(pid, "daemon") is not None for pid in pids]
+    assert claimed == [False] * 76 + [True] * 1024
+
+
+def test_start_in_a_forked_copy(fast):
+    """After os.fork() the copy starts and reaps its own children; the parent's records are not its business."""
+    keep = S.start(S.SpawnSpec(SLEEP, ["sleep", "60"], env()))
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked copy
+        try:
+            os.close(r)
+            pid = S.start(S.SpawnSpec(SH, ["sh", "-c", "exit 7"], env()))
+            _, status = os.waitpid(pid, 0)
+            S.reaped(pid, "sh")
+            os.write(w, f"{os.waitstatus_to_exitcode(status)} {S._fastspawn.pending()}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        out = read_all(r).decode()
+    finally:
+        os.close(r)
+    assert reap(child) == 0
+    os.kill(keep, signal.SIGKILL)
+    wait_exit(keep)
+    assert out == "7 (0, 0)"
+
+
+def rss_kib() -> int:
+    return int(status_fields(os.getpid())["VmRSS"].split()[0])
+
+
+def test_memory_flat_over_20000_starts(fast_default):
+    """Records and stacks are freed once the children have exec'd (or failed and been claimed)."""
+    n = int(os.environ.get("ACTIVATOR_SPAWN_STARTS", "20000"))
+    base = S.encode_environment(env())
+
+    def burst(count: int) -> None:
+        alive: list[int] = []
+        for i in range(count):
+            if i % 10 == 9:
+                spec = S.SpawnSpec("/no/such/daemon", ["daemon"], base)
+            else:
+                spec = S.SpawnSpec(TRUE, ["true"], base + [b"REMOTE_PORT=%d" % i], listen_pid=True)
+            try:
+                alive.append(S.start(spec))
+            except S.SpawnError:  # where start() waits for the exec (not ASYNC)
+                assert not S._fastspawn.ASYNC
+            if len(alive) >= 16:  # about what a busy accept loop has in flight
+                for pid in alive:
+                    code = reap(pid)
+                    failure = S.reaped(pid, spec.argv[0])
+                    assert (code, failure is None) in ((0, True), (127, False))
+                alive.clear()
+        for pid in alive:
+            reap(pid)
+            S.reaped(pid, "daemon")
+
+    burst(500)  # warm-up: the stack pool, the allocator's arenas
+    with open("/proc/self/maps") as f:
+        maps0 = len(f.readlines())
+    rss0 = rss_kib()
+    burst(n)
+    rss1 = rss_kib()
+    with open("/proc/self/maps") as f:
+        maps1 = len(f.readlines())
+    assert S._fastspawn.pending() == (0, 0)
+    assert_no_children()
+    assert rss1 - rss0 < 1024, f"RSS grew from {rss0} to {rss1} KiB over {n} starts"
+    assert maps1 - maps0 < 8, f"mappings grew from {maps0} to {maps1}"
+
+
+@pytest.mark.skipif(S._fastspawn is None, reason="activator._fastspawn is not built")
+class TestFastspawnStartInterface(TestFastspawnInterface):
+    """The same argument checks for _fastspawn.start(); errors of the child come from reaped()."""
+
+    @pytest.fixture(autouse=True)
+    def through_start(self, monkeypatch):
+        monkeypatch.setattr(S._fastspawn, "spawn", S._fastspawn.start)  # what call() above calls
+
+    def test_plain_call(self):
+        pid = self.call()
+        assert reap(pid) == 0
+        assert S._fastspawn.reaped(pid) is None
+
+    def test_oserror_carries_errno_and_step(self, tmp_path):
+        if not S._fastspawn.ASYNC:
+            pytest.skip("start() waits for the exec here: errors are raised as by spawn()")
+        for kw, want in [(dict(path=b"/no/such/daemon"), (errno.ENOENT, "exec")),
+                         (dict(cwd=os.fsencode(tmp_path / "missing")), (errno.ENOENT, "chdir")),
+                         (dict(fd_map=[(999, 3)]), (errno.EBADF, "descriptors"))]:
+            pid = self.call(**kw)
+            assert reap(pid) == 127
+            assert S._fastspawn.reaped(pid) == want
+        assert_no_children()
+
+
+def test_resolve_searches_path_like_shutil_which(tmp_path, monkeypatch):
+    """Skips a non-executable file and a directory of that name; empty entries mean the current directory."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+    (first / "daemon").write_text("#!/bin/sh\n")
+    (first / "daemon").chmod(0o644)
+    (first / "tool").mkdir()
+    for name in ("daemon", "tool"):
+        (second / name).write_text("#!/bin/sh\n")
+        (second / name).chmod(0o755)
+    monkeypatch.chdir(second)
+    for path in (f"{first}:{second}", f"{first}::{second}", f"{first}:"):
+        for name in ("daemon", "tool"):
+            assert S.resolve(name, path) == shutil.which(name, path=path)
+    with pytest.raises(S.SpawnError, match=r"^daemon: command not found$"):
+        S.resolve("daemon", str(first))

@@ -24,7 +24,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 and not IN_CI, reason="needs r
 
 
 def write_config(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
+    """Atomically: a SIGHUP still in flight must never make activator read a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(textwrap.dedent(text))
+    os.replace(tmp, path)
     return path
 
 
@@ -107,7 +110,6 @@ def test_hostile_notify_values_from_an_unprivileged_daemon(activator, tmp_path, 
 
 def test_stop_reaches_the_daemon_when_activator_is_out_of_descriptors(activator, tmp_path):
     # The daemon fills activator's descriptor table through the fd store; /proc cannot be read then.
-    port = free_port()
     script = tmp_path / "hog.py"
     script.write_text(textwrap.dedent(r"""
         import array, os, resource, signal, socket, sys
@@ -197,7 +199,7 @@ def test_sighup_during_a_stop_binds_nothing(activator, tmp_path):
     cfg = write_config(tmp_path / "u.toml", f"""
         [slow]
         socket.listen-stream = "127.0.0.1:{port}"
-        service.exec-start = ["sh", "-c", "trap '' TERM; exec sleep 60"]
+        service.exec-start = ["sh", "-c", "trap '' TERM USR1; exec sleep 60"]
         service.timeout-stop-sec = 30
     """)
     a = activator("serve", "-v", cfg)
@@ -446,4 +448,62 @@ def test_changed_socket_options_reach_the_next_daemon_after_a_reload(activator, 
     connect(("127.0.0.1", port)).close()
     wait_for(lambda: report.exists() and report.read_text(), what="the second report")
     assert report.read_text() == "1"
+    assert a.stop() == 0
+
+
+def test_a_unit_removed_and_added_back_while_its_daemon_drains(activator, tmp_path):
+    """Removed, then added back before its old daemon has gone: it takes the socket the old one still
+    holds (instead of failing to bind beside it) and starts once that daemon is gone."""
+    port = free_port()
+    pids = tmp_path / "pids"
+    unit = f"""
+        [drain]
+        socket.listen-stream = "127.0.0.1:{port}"
+        service.exec-start = ["sh", "-c", "trap '' TERM USR1; echo $$ >> {pids}; exec sleep 60"]
+        service.timeout-stop-sec = 30
+    """
+    other = '\n[other]\nsocket.listen-stream = "@activator-test-other-%d"\nservice.exec-start = "true"\n' % os.getpid()
+    cfg = write_config(tmp_path / "u.toml", unit + other)
+    a = activator("serve", cfg)
+    a.wait_listening(2)
+    connect(("127.0.0.1", port)).close()
+    first = int(wait_for(lambda: pids.exists() and pids.read_text().split(), what="the daemon")[0])
+    write_config(cfg, other)
+    a.signal(signal.SIGHUP)
+    a.wait_log(r"reloaded: 1 unchanged, 0 changed, 0 added, 1 removed")
+    write_config(cfg, unit + other)
+    a.signal(signal.SIGHUP)
+    a.wait_log(r"reloaded: 1 unchanged, 0 changed, 1 added, 0 removed")
+    with connect(("127.0.0.1", port)):  # waits in the backlog of the very same socket
+        assert pids.read_text().split() == [str(first)], "a second daemon started while the first drains"
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: len(pids.read_text().split()) == 2, what="the daemon of the unit added back")
+    assert a.stop(40) == 0
+
+
+def test_a_reload_that_reads_no_units_keeps_the_running_ones(activator, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "u.toml", f'[u]\nsocket.listen-stream = "127.0.0.1:{port}"\nservice.exec-start = "true"\n')
+    a = activator("serve", cfg)
+    a.wait_listening()
+    cfg.write_text("")  # an editor that truncates before it writes
+    a.signal(signal.SIGHUP)
+    a.wait_log("reload failed, keeping the running configuration: no units")
+    connect(("127.0.0.1", port)).close()  # still listening
+    assert a.stop() == 0
+
+
+def test_an_instance_that_cannot_exec_is_reported_when_it_is_reaped(activator, tmp_path):
+    """Per-connection instances do not wait for their exec: a failure (here ENOEXEC) is logged once reaped."""
+    port = free_port()
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"\x7fELF not really")
+    bogus.chmod(0o755)
+    a = activator("run", "--log-format", "json", "-a", "-l", f"127.0.0.1:{port}", "--", str(bogus))
+    a.wait_listening()
+    with connect(("127.0.0.1", port)) as c:
+        assert c.recv(1) == b""  # the instance never ran: the connection just ends
+    failed = wait_event(a, "start-failed")
+    assert "not an executable format" in failed[0]["message"]
+    assert a.proc.poll() is None
     assert a.stop() == 0

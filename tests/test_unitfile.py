@@ -20,7 +20,7 @@ from activator.unitfile import (
     NEW, SUPPORTED, UNSUPPORTED, Context, UnitFileError, UnitName, expand_argv, expand_specifiers,
     load_unit_files, parse_command_line, parse_unit_text, to_toml,
 )
-from conftest import ROOT, connect, free_port, require, wait_for
+from conftest import ROOT, connect, free_port, require
 
 if sys.version_info >= (3, 11):
     import tomllib

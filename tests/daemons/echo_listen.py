@@ -43,7 +43,7 @@ def main() -> int:
             connected.append(s)
             sel.register(s, selectors.EVENT_READ, serve)
         except OSError:
-            sel.register(s, selectors.EVENT_READ, lambda l: sel.register(l.accept()[0], selectors.EVENT_READ, serve))
+            sel.register(s, selectors.EVENT_READ, lambda lsock: sel.register(lsock.accept()[0], selectors.EVENT_READ, serve))
     while True:
         for key, _ in sel.select():
             data = key.data(key.fileobj)
