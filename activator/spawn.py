@@ -23,9 +23,11 @@ import fcntl
 import os
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
+_fastspawn: Any
 try:  # the optional C fast path; absent when the package was installed without a compiler
-    from . import _fastspawn  # type: ignore[attr-defined]
+    from . import _fastspawn  # type: ignore[attr-defined, no-redef]
 except ImportError:  # pragma: no cover - depends on the build
     _fastspawn = None
 
@@ -137,10 +139,10 @@ def _spawn_fast(spec: SpawnSpec, wait: bool = True) -> int:
 def _spawn_posix(spec: SpawnSpec) -> int:
     pairs = spec.fd_map()
     top = max([d for _, d in pairs] + [s for s, _ in pairs] + [2]) + 1
-    actions = [(os.POSIX_SPAWN_DUP2, src, top + i) for i, (src, _) in enumerate(pairs)]
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, src, top + i) for i, (src, _) in enumerate(pairs)]
     actions += [(os.POSIX_SPAWN_DUP2, top + i, dst) for i, (_, dst) in enumerate(pairs)]
     actions += [(os.POSIX_SPAWN_CLOSE, top + i) for i in range(len(pairs))]
-    group = {"setpgroup": 0} if spec.new_group and not spec.new_session else {}
+    group: dict[str, Any] = {"setpgroup": 0} if spec.new_group and not spec.new_session else {}
     try:
         return os.posix_spawn(
             spec.executable, spec.argv, _env_dict(spec.env), file_actions=actions, setsid=spec.new_session,

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from activator import spawn as S
 
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
             for p, _ in servers.values():
                 p.send_signal(signal.SIGTERM)
                 p.wait(10)
-    print(f"\n| back end | seq conn/s | 4 clients conn/s | server CPU/conn seq | 4 clients |")
+    print("\n| back end | seq conn/s | 4 clients conn/s | server CPU/conn seq | 4 clients |")
     print("|---|---:|---:|---:|---:|")
     for b in backends:
         print(f"| {b} | {statistics.median(rates[b, 1]):.0f} | {statistics.median(rates[b, 4]):.0f} "
