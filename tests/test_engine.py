@@ -17,7 +17,7 @@ from activator.log import Log
 from activator.loop import Loop
 from activator.spawn import SpawnError
 from activator.supervisor import Engine, Host
-from activator.units import ListenSpec, ServiceSpec, Unit
+from activator.units import BindSpec, ServiceSpec, Unit
 
 from conftest import free_port
 
@@ -132,7 +132,7 @@ class Harness:
 
 def make_unit(name="u", port=None, **service) -> Unit:
     port = port or free_port()
-    spec = ListenSpec(parse_address(f"127.0.0.1:{port}"))
+    spec = BindSpec(parse_address(f"127.0.0.1:{port}"))
     svc = ServiceSpec(argv=["/bin/true"], **service)
     return Unit(name=name, sockets=[spec], service=svc)
 
