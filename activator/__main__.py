@@ -22,9 +22,10 @@ Options:
   -h, --help  Show this message and exit.
 
 Commands:
-  check  Validate TOML unit files without binding anything.
-  run    Start COMMAND on demand with the sockets at fd 3, 4, ...
-  serve  Run the units of TOML files; SIGHUP reloads.
+  check    Validate unit files without binding anything.
+  convert  Print systemd unit files as TOML units.
+  run      Start COMMAND on demand with the sockets at fd 3, 4, ...
+  serve    Run the units of TOML and systemd unit files; SIGHUP reloads.
 """
 
 

@@ -2,10 +2,12 @@
 the TOML writer, and the real .socket/.service files of Debian packages, parsed and run with real clients."""
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -542,8 +544,8 @@ def _listen_key(key: str) -> str:
 
 
 def test_supported_keys_are_the_settings_models_keys():
-    known = {"Socket": set(config.ALL_SOCKET_KEYS), "Service": set(config.ALL_SERVICE_KEYS),
-             "Unit": set(config.UNIT_KEYS) | set(config.ALL_SERVICE_KEYS), "Install": set()}
+    known = {"Socket": set(config.SOCKET_KEYS), "Service": set(config.SERVICE_KEYS),
+             "Unit": set(config.UNIT_KEYS) | set(config.SERVICE_KEYS), "Install": set()}
     for section, key, rule in unitfile.directives(SUPPORTED):
         for name in rule.keys:
             assert name.startswith("@") or name in known[section], f"[{section}] {key}= -> {name}"
@@ -758,27 +760,110 @@ def test_fully_supported_units_pass_the_settings_model(debian_units, tmp_path, p
     assert [s.name for s in built.sockets] == [f"{unit}.socket"]
 
 
-# ====================================================================== running them (real daemons, real clients)
-def serve_unit_files(activator, tmp_path: Path, units: Path):
-    """Start `activator serve` on unit files. Until config.py reads unit files itself (the hook is
-    pending), they go through the TOML translation, which is what that hook will do."""
-    toml_path = tmp_path / "units.toml"
-    toml_path.write_text(to_toml(load_unit_files([str(units)]).document))
-    return activator("serve", toml_path)
+# ====================================================================== serve, check and convert take unit files
+def cli(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "activator", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full)
 
 
-def drop_in(units: Path, unit: str, text: str) -> None:
+def drop_in(units: Path, unit: str, text: str, name: str = "test.conf") -> None:
     directory = units / f"{unit}.d"
     directory.mkdir(exist_ok=True)
-    (directory / "test.conf").write_text(text)
+    (directory / name).write_text(text)
 
 
+ECHO_PAIR = {"echo.socket": "[Socket]\nListenStream=127.0.0.1:{port}\nAccept=yes\n",
+             "echo@.service": "[Unit]\nDescription=Echo\n[Service]\nExecStart=/bin/cat\nStandardInput=socket\n"
+                              "PrivateTmp=yes\nNoSuchDirective=1\n"}
+
+
+def echo_units(root: Path, port: int = 7) -> Path:
+    return write_units(root, {name: text.format(port=port) for name, text in ECHO_PAIR.items()})
+
+
+def test_check_lists_what_it_cannot_honour_one_line_each(tmp_path):
+    units = echo_units(tmp_path / "units")
+    r = cli("check", units)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "echo: 127.0.0.1:7 -> /bin/cat\n1 unit(s) OK\n"
+    assert r.stderr.splitlines() == [
+        f"activator: warning: {units}/echo@.service: [Service] NoSuchDirective=: unknown directive: ignored, as "
+        "systemd does",
+        f"activator: warning: {units}/echo@.service: [Service] PrivateTmp= not supported: the daemon runs without "
+        "this sandboxing"]
+    strict = cli("check", "--strict", units)
+    assert strict.returncode == 1 and strict.stdout == ""
+    assert strict.stderr.splitlines() == [line.replace("warning", "error") for line in r.stderr.splitlines()]
+
+
+def test_settings_model_errors_name_the_file_and_the_directive(tmp_path):
+    units = write_units(tmp_path / "units", {
+        "port.socket": "[Socket]\nListenStream=127.0.0.1:80\nListenStream=127.0.0.1:99999\n",
+        "port.service": "[Service]\nExecStart=/bin/true\n",
+        "web.socket": "[Socket]\nListenStream=127.0.0.1:80\nBacklog=lots\nSocketMode=0999\n",
+        "web.service": "[Unit]\nDescription=Web\n[Service]\nExecStart=/bin/true\nRestart=sometimes\n"
+                       "StandardInput=socket\n"})
+    r = cli("check", units)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    sock, svc = f"{units}/web.socket", f"{units}/web.service"
+    assert r.stderr.splitlines() == [
+        f"activator: error: {units}/port.socket: [Socket] ListenStream=: port out of range in address "
+        "'127.0.0.1:99999' (1-65535)",
+        f"activator: error: {sock}: [Socket] Backlog=: expected an integer, got a string 'lots'",
+        f"activator: error: {sock}: [Socket] SocketMode=: invalid mode '0999' (expected octal digits such as "
+        '"0660")',
+        f"activator: error: {svc}: [Service] Restart=: invalid value 'sometimes', expected one of: no, on-success, "
+        "on-failure, on-abnormal, on-abort, always",
+        f"activator: error: {svc}: [Service] StandardInput=: 'socket' needs accept = true in the socket part "
+        "(one connection per instance)"]
+
+
+def test_unit_files_and_toml_side_by_side(tmp_path):
+    units = echo_units(tmp_path / "units")
+    (units / "more.toml").write_text('[more]\nsocket.listen-stream = "127.0.0.1:8"\nservice.exec-start = "cat"\n'
+                                     '[echo]\nsocket.listen-stream = "127.0.0.1:9"\nservice.exec-start = "cat"\n')
+    r = cli("check", units)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == f"activator: error: {units}/echo.socket: echo: unit name already defined " \
+                                        f"in {units}/more.toml"
+    (units / "more.toml").write_text('[more]\nsocket.listen-stream = "127.0.0.1:8"\nservice.exec-start = "cat"\n')
+    r = cli("check", units)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "2 unit(s) OK", r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("check", empty)
+    assert r.returncode == 1 and r.stderr == f"activator: error: {empty}: no *.toml files in this directory (nor " \
+                                             "*.socket or *.service unit files)\n"
+
+
+def test_convert_prints_what_serve_runs(tmp_path):
+    units = echo_units(tmp_path / "units")
+    drop_in(units, "echo.socket", "[Socket]\nBacklog=12\n")
+    r = cli("convert", units)
+    assert r.returncode == 0 and len(r.stderr.splitlines()) == 2, r.stderr
+    assert tomllib.loads(r.stdout) == {"echo": {
+        "description": "Echo", "socket": {"listen-stream": ["127.0.0.1:7"], "accept": True, "backlog": 12},
+        "service": {"exec-start": ["/bin/cat"], "standard-input": "socket"}}}
+    (tmp_path / "echo.toml").write_text(r.stdout)
+    assert cli("check", tmp_path / "echo.toml").stdout == cli("check", units).stdout
+    bad = cli("convert", units, tmp_path / "echo.toml", tmp_path / "missing.socket")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        f"activator: error: {tmp_path}/echo.toml: not a systemd unit file (convert reads *.socket and *.service "
+        "files and directories of them)",
+        f"activator: error: {tmp_path}/missing.socket: no such file"]
+    assert cli("convert").returncode == 2
+
+
+# ====================================================================== running them (real daemons, real clients)
 def test_run_the_echo_fixture(activator, tmp_path):
     units = tmp_path / "units"
     shutil.copytree(UNITFILES / "echo", units)
     port = free_port()
     drop_in(units, "echo.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
-    a = serve_unit_files(activator, tmp_path, units)
+    a = activator("serve", units)
     a.wait_listening()
     for line in (b"one\n", b"two\n"):
         with connect(("127.0.0.1", port)) as c:
@@ -788,12 +873,46 @@ def test_run_the_echo_fixture(activator, tmp_path):
     assert a.stop() == 0
 
 
+def test_serve_logs_the_warnings_and_a_reload_reads_the_unit_files_again(activator, tmp_path):
+    port, moved = free_port(), free_port()
+    units = echo_units(tmp_path / "units", port)
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    warnings = [json.loads(line) for line in a.lines if '"unit-file"' in line]
+    assert [(w["level"], w["message"].split(": ", 1)[1]) for w in warnings] == [
+        ("warning", "[Service] NoSuchDirective=: unknown directive: ignored, as systemd does"),
+        ("warning", "[Service] PrivateTmp= not supported: the daemon runs without this sandboxing")]
+    drop_in(units, "echo.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{moved}\n")
+    a.signal(signal.SIGHUP)
+    a.wait_log(r'"event":"reload"')
+    assert len([line for line in a.lines if '"unit-file"' in line]) == 4  # logged again at the reload
+    with connect(("127.0.0.1", moved)) as c:
+        c.sendall(b"moved\n")
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(100) == b"moved\n"
+    wait_for(lambda: not _listening(port), what="the old port closed")
+    (units / "echo@.service").write_text("[Service]\nExecStart=/bin/cat\nStandardInput=sockets\n")
+    a.signal(signal.SIGHUP)
+    failed = a.wait_log(r'"event":"reload".*reload failed')
+    assert f"{units}/echo@.service: [Service] StandardInput=: invalid value 'sockets'" in failed.string
+    assert _listening(moved)
+    assert a.stop() == 0
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def test_run_uuidd(activator, debian_units, tmp_path):
     require("/usr/sbin/uuidd")
     units = debian_units("uuid-runtime")
     request = tmp_path / "request"
     drop_in(units, "uuidd.socket", f"[Socket]\nListenStream=\nListenStream={request}\n")
-    a = serve_unit_files(activator, tmp_path, units)
+    a = activator("serve", units)
     a.wait_listening()
     out = subprocess.run(["uuidd", "--random", "--socket", str(request)], capture_output=True, text=True, timeout=30)
     assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\n", out.stdout), out
@@ -822,7 +941,7 @@ def test_run_sshd(activator, debian_units, tmp_path):
     (tmp_path / "sshd.env").write_text(f'SSHD_OPTS="{options}"\n')
     drop_in(units, "ssh.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
     drop_in(units, "ssh.service", f"[Service]\nEnvironmentFile={tmp_path}/sshd.env\n")
-    a = serve_unit_files(activator, tmp_path, units)
+    a = activator("serve", units)
     a.wait_listening(timeout=10)
     out = subprocess.run(["ssh", "-p", str(port), "-i", str(tmp_path / "client"), "-o", "BatchMode=yes",
                           "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={tmp_path}/known_hosts",
@@ -842,7 +961,7 @@ def test_run_podman(activator, debian_units, tmp_path):
     # Keep podman's storage in the test's directory (also through $LOGGING, split into words at start).
     drop_in(units, "podman.service", f'[Service]\nEnvironment="LOGGING=--log-level=info --root={tmp_path}/root '
                                      f'--runroot={tmp_path}/runroot"\n')
-    a = serve_unit_files(activator, tmp_path, units)
+    a = activator("serve", units)
     a.wait_listening(timeout=10)
     out = subprocess.run(["curl", "-sS", "--max-time", "30", "--unix-socket", str(sock),
                           "http://d/v4.0.0/libpod/_ping"], capture_output=True, text=True, timeout=60)
@@ -860,7 +979,7 @@ def test_run_tinysshd(activator, debian_units, tmp_path, request):
         request.addfinalizer(lambda: shutil.rmtree(keydir, ignore_errors=True))
     port = free_port()
     drop_in(units, "tinysshd.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
-    a = serve_unit_files(activator, tmp_path, units)
+    a = activator("serve", units)
     a.wait_listening(timeout=10)
     # One instance per connection; the key exchange completes, so the host key is the daemon's.
     out = subprocess.run(["ssh-keyscan", "-T", "20", "-t", "ed25519", "-p", str(port), "127.0.0.1"],
