@@ -155,6 +155,13 @@ def _socket_type(fd: int) -> int:
         return probe.type
 
 
+def _merged(old: Any, new: Any) -> Any:
+    """What several keys that fill one attribute give together (conditions, limits)."""
+    if old is None:
+        return new
+    return {**old, **new} if isinstance(new, dict) else [*old, *new]
+
+
 # ------------------------------------------------------------------ loading
 @dataclass
 class _Context:
@@ -203,6 +210,9 @@ class _UnitLoader:
     def set_unit_wide(self, setting: Setting, where: str, value: Any) -> None:
         """A value of the whole unit, which several socket tables may repeat but must not contradict."""
         slot = (setting.target, setting.attr)
+        if setting.merge:
+            self.unit_wide[slot] = (_merged(self.unit_wide.get(slot, (None, ""))[0], value), where)
+            return
         if slot in self.unit_wide and self.unit_wide[slot][0] != value:
             self.error(where, f"conflicts with {self.unit_wide[slot][1]} (one value per unit)", setting.key)
             return
@@ -346,8 +356,11 @@ class _UnitLoader:
                 self.set_unit_wide(setting, at, parsed)
             elif key == "environment-file":
                 env_files = parsed
+            elif key == "exec-start":
+                attrs.update(argv=list(parsed.argv), exec_path=parsed.path, ignore_failure=parsed.ignore_failure,
+                             expand_environment=parsed.expand_environment, privileged=parsed.privileged)
             else:
-                attrs[setting.attr] = parsed
+                attrs[setting.attr] = _merged(attrs.get(setting.attr), parsed) if setting.merge else parsed
         if "working_directory" in attrs:
             attrs["working_directory"] = self.working_directory(attrs["working_directory"], attrs.get("user"))
         # As in systemd, variables from environment-file override those of environment.

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from activator import config, unitfile
 from activator.unitfile import (
-    NEW, SUPPORTED, UNSUPPORTED, Context, UnitFileError, UnitName, expand_argv, expand_specifiers,
+    SUPPORTED, UNSUPPORTED, Context, UnitFileError, UnitName, expand_argv, expand_specifiers,
     load_unit_files, parse_command_line, parse_unit_text, to_toml,
 )
 from conftest import ROOT, connect, free_port, require, wait_for
@@ -392,8 +392,8 @@ def test_dependencies_among_loaded_units(tmp_path):
         "web.service": "[Unit]\nRequires=db.service web.socket\nAfter=db.service network.target auditd.service\n"
                        "Wants=db.socket\nBindsTo=db.service\nRequires=missing.service\nRequisite=basic.target\n"
                        "[Service]\nExecStart=/bin/web\n"})
-    service = loaded.document["web"]["service"]
-    assert service["requires"] == ["db"] and service["after"] == ["db"] and service["wants"] == ["db"]
+    unit = loaded.document["web"]
+    assert unit["requires"] == ["db"] and unit["after"] == ["db"] and unit["wants"] == ["db"]
     path = f"{tmp_path}/web.service"
     assert sorted(warnings_text(loaded)) == [
         f"{path}: [Unit] BindsTo= not supported (db.service): not enforced: only Requires=, Wants=, After= and "
@@ -427,9 +427,9 @@ def test_conditions_reset_together(tmp_path):
     loaded = load(tmp_path, {**BASE, "web-api.service": "[Unit]\nConditionPathExists=/a\nConditionVirtualization=vm\n"
                                                         "AssertPathExists=/b\nConditionFileNotEmpty=\n"
                                                         "ConditionPathIsDirectory=|/c\n[Service]\nExecStart=/x\n"})
-    service = loaded.document["web-api"]["service"]
-    assert service["condition-path-is-directory"] == ["|/c"] and service["assert-path-exists"] == ["/b"]
-    assert "condition-path-exists" not in service and warnings_text(loaded) == []
+    unit = loaded.document["web-api"]
+    assert unit["condition-path-is-directory"] == ["|/c"] and unit["assert-path-exists"] == ["/b"]
+    assert "condition-path-exists" not in unit and warnings_text(loaded) == []
 
 
 # ====================================================================== errors: one line each, nothing else
@@ -528,9 +528,9 @@ def test_every_directive_is_classified(tmp_path, section, key, rule):
     unit = loaded.document["web-api"]
     table = unit["socket"] if section == "Socket" else unit["service"]
     mine = [str(w) for w in loaded.warnings if w.key == key]
-    if rule.kind in (SUPPORTED, NEW):
+    if rule.kind == SUPPORTED:
         keys = [k for k in rule.keys if not k.startswith("@")] or [_listen_key(key)]
-        where = unit if keys == ["description"] else table
+        where = unit if keys == ["description"] or keys[0].startswith(("condition-", "assert-")) else table
         assert all(k in where for k in keys) and mine == []
     elif rule.kind == UNSUPPORTED:
         assert mine == [f"{tmp_path}/{target}: [{section}] {key}= not supported: {rule.note}"]
@@ -554,8 +554,8 @@ def test_supported_keys_are_the_settings_models_keys():
 def test_the_documentation_lists_every_directive():
     text = (ROOT / "docs" / "unit-files.md").read_text()
     rows = {(s, k): c for s, k, c in re.findall(r"^\| `\[(\w+)\] (\w+)=` \| ([\w ]+?) \|", text, re.M)}
-    names = {unitfile.SUPPORTED: "supported", unitfile.NEW: "needs engine support", unitfile.IGNORED: "ignored",
-             unitfile.UNSUPPORTED: "not supported", unitfile.DEPENDENCY: "dependency"}
+    names = {unitfile.SUPPORTED: "supported", unitfile.IGNORED: "ignored", unitfile.UNSUPPORTED: "not supported",
+             unitfile.DEPENDENCY: "dependency"}
     expected = {(s, k): names[r.kind] for s, rules in unitfile.RULES.items() for k, r in rules.items()}
     assert rows == expected
 
@@ -674,9 +674,10 @@ def debian_units(tmp_path, deb_cache):
 def test_openssh_server(debian_units):
     units = debian_units("openssh-server")
     loaded = load_unit_files([str(units)])
-    assert loaded.document["ssh"]["socket"] == {
-        "condition-path-exists": ["!/etc/ssh/sshd_not_to_be_run"], "listen-stream": ["22"], "accept": False,
-        "file-descriptor-name": "ssh.socket"}
+    # The socket and the service have the same condition: it counts once, for the whole unit.
+    assert loaded.document["ssh"]["condition-path-exists"] == ["!/etc/ssh/sshd_not_to_be_run"]
+    assert loaded.document["ssh"]["socket"] == {"listen-stream": ["22"], "accept": False,
+                                                "file-descriptor-name": "ssh.socket"}
     service = loaded.document["ssh"]["service"]
     assert service["exec-start"] == {"argv": ["/usr/sbin/sshd", "-D", "$SSHD_OPTS"], "expand-environment": True}
     assert service["exec-start-pre"] == [["/usr/sbin/sshd", "-t"]]
@@ -716,9 +717,8 @@ def units_path(loaded: unitfile.Loaded, unit: str) -> str:
 def test_tinysshd_accept_yes_template_pair(debian_units):
     loaded = load_unit_files([str(debian_units("tinysshd"))])
     assert loaded.document["tinysshd"] == {
-        "description": "Tiny SSH server",
-        "socket": {"condition-path-exists": ["!/etc/tinyssh/disable_tinysshd"], "listen-stream": ["22"],
-                   "accept": True},
+        "description": "Tiny SSH server", "condition-path-exists": ["!/etc/tinyssh/disable_tinysshd"],
+        "socket": {"listen-stream": ["22"], "accept": True},
         "service": {
             "exec-start-pre": [{"argv": ["/usr/sbin/tinysshd-makekey", "-q", "/etc/tinyssh/sshkeydir"],
                                 "ignore-failure": True}],
@@ -758,6 +758,94 @@ def test_fully_supported_units_pass_the_settings_model(debian_units, tmp_path, p
     (built,) = config.load_units([str(path)])
     assert built.name == unit and built.service.argv == service["exec-start"]
     assert [s.name for s in built.sockets] == [f"{unit}.socket"]
+
+
+# ====================================================================== the keys unit files brought, in TOML
+def test_the_new_keys_fill_the_unit(tmp_path):
+    path = tmp_path / "u.toml"
+    path.write_text("""
+[u]
+requires = "db"
+after = ["db", "db"]
+condition-path-exists = ["!/etc/nope", "|/a"]
+assert-file-not-empty = "/etc/os-release"
+socket.listen-stream = "127.0.0.1:1"
+service.exec-start = { argv = ["sshd", "-D", "$OPTS"], path = "/usr/sbin/sshd", expand-environment = true }
+service.exec-start-pre = [["/bin/true"], "/bin/echo 'a b'", { argv = ["/bin/false"], ignore-failure = true }]
+service.exec-reload = ["/bin/kill", "-HUP", "$MAINPID"]
+service.notify-access = "exec"
+service.success-exit-status = "111 SIGUSR1"
+service.restart-prevent-exit-status = [255, "SIGKILL"]
+service.runtime-directory = ["a", "b/c"]
+service.runtime-directory-mode = "0750"
+service.runtime-directory-preserve = "restart"
+service.state-directory = "s"
+service.oom-score-adjust = -500
+service.nice = 5
+service.limit-nofile = "1024:4096"
+service.limit-core = "infinity"
+service.limit-as = "1G"
+service.limit-nice = "-5"
+[db]
+socket.listen-stream = "127.0.0.1:2"
+service.exec-start = "db"
+""")
+    u, _ = config.load_units([str(path)])
+    svc = u.service
+    from activator.units import Command, Condition, ExitStatuses
+    assert (svc.argv, svc.exec_path, svc.expand_environment, svc.ignore_failure) == (
+        ["sshd", "-D", "$OPTS"], "/usr/sbin/sshd", True, False)
+    assert svc.main_command.executable == "/usr/sbin/sshd"
+    assert svc.exec_start_pre == [Command(("/bin/true",)), Command(("/bin/echo", "a b")),
+                                  Command(("/bin/false",), ignore_failure=True)]
+    assert svc.exec_reload == [Command(("/bin/kill", "-HUP", "$MAINPID"))]
+    assert svc.notify_access == "exec"
+    assert svc.success_exit_status == ExitStatuses(frozenset({111}), frozenset({signal.SIGUSR1}))
+    assert svc.restart_prevent_exit_status == ExitStatuses(frozenset({255}), frozenset({signal.SIGKILL}))
+    assert (svc.runtime_directory, svc.runtime_directory_mode, svc.runtime_directory_preserve) == (
+        ["a", "b/c"], 0o750, "restart")
+    assert svc.state_directory == ["s"] and svc.state_directory_mode == 0o755
+    assert (svc.oom_score_adjust, svc.nice) == (-500, 5)
+    assert svc.limits == {7: (1024, 4096), 4: (-1, -1), 9: (1 << 30, 1 << 30), 13: (25, 25)}
+    assert u.requires == ["db"] and u.after == ["db"] and u.wants == []
+    assert u.conditions == [Condition("path-exists", "/etc/nope", negate=True), Condition("path-exists", "/a",
+                                                                                        trigger=True),
+                            Condition("file-not-empty", "/etc/os-release", assertion=True)]
+    assert [str(c) for c in u.conditions] == ["condition-path-exists=!/etc/nope", "condition-path-exists=|/a",
+                                              "assert-file-not-empty=/etc/os-release"]
+
+
+BAD_VALUES = [
+    ('service.exec-start = { path = "/bin/x" }', "service.exec-start: a command table needs argv"),
+    ('service.exec-start = { argv = ["x"], shell = true }', "unknown key 'shell' in a command table"),
+    ('service.exec-start-pre = [[]]', "empty command"),
+    ('service.success-exit-status = 256', "exit code 256 is out of range (0..255)"),
+    ('service.restart-prevent-exit-status = "SIGNOPE"', "'SIGNOPE' is neither an exit code nor a signal name"),
+    ('service.runtime-directory = "../etc"', "invalid directory '../etc'"),
+    ('service.runtime-directory = "/run/x"', "invalid directory '/run/x'"),
+    ('service.state-directory = "a//b"', "invalid directory 'a//b'"),
+    ('service.runtime-directory-preserve = "sometimes"', "invalid value 'sometimes'"),
+    ('service.oom-score-adjust = 1001', "1001 is out of range (-1000..1000)"),
+    ('service.nice = -21', "-21 is out of range (-20..19)"),
+    ('service.limit-nofile = "10:5"', "the soft limit is above the hard one"),
+    ('service.limit-nofile = "lots"', "invalid limit 'lots'"),
+    ('service.limit-nofile = -1', "limit -1 is out of range"),
+    ('service.limit-nice = "+20"', "a nice level is -20..19"),
+    ('service.notify-access = "some"', "invalid value 'some', expected one of: main, exec, all, none"),
+    ('condition-path-exists = "relative"', "invalid path 'relative': expected an absolute path"),
+    ('requires = "no such"', "invalid unit name 'no such'"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_VALUES)
+def test_bad_values_of_the_new_keys(tmp_path, line, message):
+    path = tmp_path / "u.toml"
+    start = "" if line.startswith("service.exec-start =") else 'service.exec-start = "x"\n'
+    path.write_text(f'[u]\nsocket.listen-stream = "127.0.0.1:1"\n{start}{line}\n')
+    with pytest.raises(config.ConfigError) as info:
+        config.load_units([str(path)])
+    (error,) = info.value.messages
+    assert error.startswith(f"{path}: u: ") and message in error, error
 
 
 # ====================================================================== serve, check and convert take unit files
