@@ -274,7 +274,8 @@ def _inherited_fds() -> list[tuple[int, str]]:
               f"not open ({exc.strerror})")
 
 
-def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, warnings=()) -> None:
+def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, warnings=(),
+                 reload_daemons=False) -> None:
     """Run the engine. ``reloader`` (serve) returns a Configuration: its warnings are logged at each reload,
     as ``warnings`` are at start (event ``unit-file``)."""
     from .log import Log
@@ -296,7 +297,7 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
         return configuration.units
 
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
-                    reloader=reload_units if reloader else None)
+                    reloader=reload_units if reloader else None, reload_daemons=reload_daemons)
     try:
         engine.open()
     except BindError as exc:
@@ -335,10 +336,12 @@ def _print_warnings(messages: list[str]) -> None:
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--exit-with-service", is_flag=True,
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
+@click.option("--reload-daemons", is_flag=True,
+              help="At each reload (SIGHUP), also run exec-reload of the units left unchanged whose daemon runs.")
 @_strict_option
 @_forward_option
 @_logging_options
-def serve(paths, exit_with_service, strict, forward, verbose, log_format):
+def serve(paths, exit_with_service, reload_daemons, strict, forward, verbose, log_format):
     """Run the units of PATH: TOML files, systemd *.socket and *.service files, or directories of them.
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
@@ -355,7 +358,7 @@ def serve(paths, exit_with_service, strict, forward, verbose, log_format):
         _fail(f"no units found in {', '.join(sources)}")
     _engine_main(configuration.units, verbose, log_format, forward, exit_with_service=exit_with_service,
                  reloader=lambda: load_configuration(sources, inherited=inherited, strict=strict),
-                 warnings=configuration.warnings)
+                 warnings=configuration.warnings, reload_daemons=reload_daemons)
 
 
 @main.command(short_help="Validate unit files without binding anything.")

@@ -552,9 +552,59 @@ class Loader:
                 self.units.append(unit)
 
     def finish(self) -> list[Unit]:
+        self._check_dependencies()
         if self.ctx.problems:
             raise ConfigError(self.ctx.problems)
         return self.units
+
+    def _check_dependencies(self) -> None:
+        """requires, wants, after and before name units loaded together, and their order has no cycle."""
+        for unit in self.units:
+            for key in DEPENDENCY_KEYS:
+                for name in getattr(unit, key):
+                    if name == unit.name:
+                        message = "names the unit itself"
+                    elif name not in self.seen:
+                        message = f"no unit {unit_label(name)} is loaded{suggest(name, self.seen)}"
+                    else:
+                        continue
+                    self.ctx.problems.append(Problem(message, self.seen[unit.name], unit.name, key, key))
+        cycle = _ordering_cycle(self.units)
+        if cycle:
+            self.ctx.problems.append(Problem(f"ordering cycle: {' after '.join(map(unit_label, cycle))} (after and "
+                                             "before)", self.seen[cycle[0]], cycle[0], "after", "after"))
+
+
+DEPENDENCY_KEYS = ("requires", "wants", "after", "before")
+
+
+def _ordering_cycle(units: list[Unit]) -> list[str] | None:
+    """A cycle of after/before among the units, as names from its start back to it; None when there is none."""
+    first: dict[str, set[str]] = {u.name: set() for u in units}  # unit -> the units that start before it
+    for u in units:
+        first[u.name].update(name for name in u.after if name in first)
+        for name in u.before:
+            if name in first:
+                first[name].add(u.name)
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    for root in first:
+        if root in state:
+            continue
+        path = [root]
+        stack = [iter(sorted(first[root]))]
+        state[root] = 1
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(step) == 1:
+                return [*path[path.index(step):], step]
+            elif step not in state:
+                state[step] = 1
+                path.append(step)
+                stack.append(iter(sorted(first[step])))
+    return None
 
 
 class Configuration(NamedTuple):

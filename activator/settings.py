@@ -271,7 +271,7 @@ SETTINGS: tuple[Setting, ...] = (
           ("exec-start-post", v.Commands(), "service", "Commands run once the daemon is up (started; READY=1 for "
            "type = notify); one that fails stops it."),
           ("exec-reload", v.Commands(), "service", "Commands that make the running daemon reload (with $MAINPID), "
-           "run when activator reloads and the unit is unchanged."),
+           "run by a reload of `serve --reload-daemons` that leaves the unit unchanged."),
           ("success-exit-status", v.ExitStatuses(), "unit", "Exit codes and signals of the main process that count "
            "as success, besides 0, SIGHUP, SIGINT, SIGTERM and SIGPIPE."),
           ("restart-prevent-exit-status", v.ExitStatuses(), "unit", "Exit codes and signals after which restart "

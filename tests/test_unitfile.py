@@ -9,8 +9,10 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from activator.unitfile import (
     SUPPORTED, UNSUPPORTED, Context, UnitFileError, UnitName, expand_argv, expand_specifiers,
     load_unit_files, parse_command_line, parse_unit_text, to_toml,
 )
-from conftest import ROOT, connect, free_port, require, wait_for
+from conftest import ROOT, connect, free_port, pid_alive, require, wait_for
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -1011,9 +1013,6 @@ def test_run_uuidd(activator, debian_units, tmp_path):
     assert a.stop() == 0
 
 
-@pytest.mark.xfail(reason="needs engine support: exec-start-pre, exec-reload, $SSHD_OPTS in exec-start, "
-                          "runtime-directory(-mode), restart-prevent-exit-status, condition-path-exists",
-                   strict=False)
 def test_run_sshd(activator, debian_units, tmp_path):
     require("/usr/sbin/sshd", "ssh", "ssh-keygen")
     units = debian_units("openssh-server")
@@ -1028,37 +1027,47 @@ def test_run_sshd(activator, debian_units, tmp_path):
                "-o UsePAM=no -o PidFile=none")
     (tmp_path / "sshd.env").write_text(f'SSHD_OPTS="{options}"\n')
     drop_in(units, "ssh.socket", f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
-    drop_in(units, "ssh.service", f"[Service]\nEnvironmentFile={tmp_path}/sshd.env\n")
-    a = activator("serve", units)
+    # /run/sshd is every sshd's on this machine: this one must not remove it when it stops.
+    drop_in(units, "ssh.service", f"[Service]\nEnvironmentFile={tmp_path}/sshd.env\nRuntimeDirectoryPreserve=yes\n")
+    a = activator("serve", "--log-format", "json", units)
     a.wait_listening(timeout=10)
-    out = subprocess.run(["ssh", "-p", str(port), "-i", str(tmp_path / "client"), "-o", "BatchMode=yes",
-                          "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={tmp_path}/known_hosts",
-                          "-o", "ConnectTimeout=10", "root@127.0.0.1", "echo", "ok"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout == "ok\n", out.stderr
-    a.wait_log(r"ready")  # Type=notify: sshd said READY=1
+    ssh = ["ssh", "-p", str(port), "-i", str(tmp_path / "client"), "-o", "BatchMode=yes", "-o",
+           "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={tmp_path}/known_hosts", "-o", "ConnectTimeout=10",
+           "root@127.0.0.1", "echo", "ok"]
+    out = subprocess.run(ssh, capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr + a.log
+    events = [json.loads(line) for line in a.lines]
+    assert [e["event"] for e in events if e["event"] in ("exec", "start", "ready")][:2] == ["start", "ready"]
+    pid = next(e["pid"] for e in events if e["event"] == "start")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:  # sshd shows its argv, $SSHD_OPTS split into words at start
+        assert f"sshd -D -o HostKey={tmp_path}/host -o AuthorizedKeysFile=".encode() in f.read()
+    assert stat.S_IMODE(os.stat("/run/sshd").st_mode) == 0o755
+    again = subprocess.run(ssh, capture_output=True, text=True, timeout=60)  # the same sshd, started once
+    assert again.stdout == "ok\n", again.stderr + a.log
+    assert len([line for line in a.lines if '"event":"start"' in line]) == 1
     assert a.stop() == 0
+    assert not pid_alive(pid)
 
 
-@pytest.mark.xfail(reason="needs engine support: $LOGGING in exec-start", strict=False)
-def test_run_podman(activator, debian_units, tmp_path):
+def test_run_podman(activator, debian_units, tmp_path, request):
     require("/usr/bin/podman", "curl")
     units = debian_units("podman")
     sock = tmp_path / "podman.sock"
     drop_in(units, "podman.socket", f"[Socket]\nListenStream=\nListenStream={sock}\n")
-    # Keep podman's storage in the test's directory (also through $LOGGING, split into words at start).
-    drop_in(units, "podman.service", f'[Service]\nEnvironment="LOGGING=--log-level=info --root={tmp_path}/root '
-                                     f'--runroot={tmp_path}/runroot"\n')
+    # Keep podman's storage in a directory of the test's (also through $LOGGING, split into words at start);
+    # podman wants a run root of at most 50 characters.
+    storage = Path(tempfile.mkdtemp(prefix="activator-podman-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(storage, ignore_errors=True))
+    drop_in(units, "podman.service", f'[Service]\nEnvironment="LOGGING=--log-level=info --root={storage}/root '
+                                     f'--runroot={storage}/run"\n')
     a = activator("serve", units)
     a.wait_listening(timeout=10)
     out = subprocess.run(["curl", "-sS", "--max-time", "30", "--unix-socket", str(sock),
                           "http://d/v4.0.0/libpod/_ping"], capture_output=True, text=True, timeout=60)
-    assert out.stdout == "OK", out.stderr
+    assert out.stdout == "OK", out.stderr + a.log
     assert a.stop() == 0
 
 
-@pytest.mark.xfail(reason="needs engine support: exec-start-pre, ${TINYSSHDOPTS} in exec-start, "
-                          "success-exit-status, condition-path-exists", strict=False)
 def test_run_tinysshd(activator, debian_units, tmp_path, request):
     require("/usr/sbin/tinysshd", "ssh-keyscan", "tinysshd-printkey")
     units = debian_units("tinysshd")
@@ -1095,3 +1104,228 @@ def test_a_specifier_that_gives_invalid_utf8_is_an_error(tmp_path):
 def test_expand_argv_keeps_undecodable_environment_values():
     value = os.fsdecode(b"a\xff b")  # an environment value that is not UTF-8 (surrogate escapes)
     assert expand_argv(["$V", "x${V}"], {"V": value}) == [os.fsdecode(b"a\xff"), "b", "x" + value]
+
+
+# ====================================================================== what the engine does with them
+def sock(port: int, extra: str = "") -> str:
+    """A socket unit on a loopback port."""
+    return f"[Socket]\nListenStream=127.0.0.1:{port}\n{extra}"
+
+
+def unique_name(tmp_path: Path) -> str:
+    """A unit name no other test run uses: its directories under /run and /var/lib are its own."""
+    return f"activator-t{os.getpid()}-{tmp_path.name[-12:].strip('_').replace('_', '-')}"
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_lines(path: Path, count: int, timeout: float = 15.0) -> list[str]:
+    return wait_for(lambda: len(lines_of(path)) >= count and lines_of(path), timeout=timeout,
+                    what=f"{count} lines in {path}")
+
+
+def events(a, name: str) -> list[dict]:
+    """The JSON log lines of one event (the daemons' own output, on the same stderr, is left out)."""
+    return [e for e in map(json.loads, (line for line in list(a.lines) if line.startswith("{"))) if e["event"] == name]
+
+
+def test_control_commands_directories_and_variables(activator, tmp_path, request):
+    name, port, log = unique_name(tmp_path), free_port(), tmp_path / "log"
+    run_dir, state_dir = Path("/run") / name / "sub", Path("/var/lib") / name
+    request.addfinalizer(lambda: shutil.rmtree(state_dir, ignore_errors=True))
+    request.addfinalizer(lambda: shutil.rmtree(run_dir.parent, ignore_errors=True))
+    units = write_units(tmp_path / "units", {
+        f"{name}.socket": sock(port),
+        f"{name}.service": f"""[Service]
+Environment=GREETING=hello "WORDS=a b"
+ExecStartPre=/bin/sh -c 'echo "pre1 $$GREETING" >> {log}'
+ExecStartPre=-/bin/false
+ExecStartPre=-/nonexistent/command
+ExecStartPre=/bin/sh -c 'test -d "$RUNTIME_DIRECTORY" && echo "pre2 $$RUNTIME_DIRECTORY" >> {log}'
+ExecStart=/bin/sh -c 'echo "main $$1 $$2 $$STATE_DIRECTORY" >> {log}; trap "echo hup >> {log}" HUP; \\
+  while :; do sleep 1 & wait; done' sh $WORDS
+ExecStartPost=/bin/sh -c 'echo "post $$MAINPID" >> {log}'
+ExecReload=/bin/sh -c 'echo "reload $$MAINPID" >> {log}'
+ExecReload=/bin/kill -HUP $MAINPID
+RuntimeDirectory=%N/sub
+RuntimeDirectoryMode=0700
+StateDirectory=%N
+"""})
+    a = activator("serve", "--log-format", "json", "--reload-daemons", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):
+        lines = wait_lines(log, 4)
+    a.wait_log(r'"event":"start"')
+    pid = events(a, "start")[0]["pid"]
+    # exec-start-post runs as soon as a type = simple daemon is started: the two may write in either order.
+    assert lines[:2] == ["pre1 hello", f"pre2 {run_dir}"]
+    assert sorted(lines[2:]) == [f"main a b {state_dir}", f"post {pid}"]
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700 and state_dir.is_dir()
+    a.signal(signal.SIGHUP)
+    assert wait_lines(log, 6)[4:] == [f"reload {pid}", "hup"]
+    assert [e["message"] for e in events(a, "reload-unit")] == ["reloading the daemon (exec-reload)",
+                                                                "daemon reloaded"]
+    assert a.stop() == 0
+    wait_for(lambda: not run_dir.exists(), what="the runtime directory removed")
+    assert state_dir.is_dir() and not list(run_dir.parent.glob(".#*"))
+
+
+def test_a_failing_start_command_fails_the_start_without_a_busy_loop(activator, tmp_path):
+    port, log = free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "u.socket": sock(port),
+        "u.service": f"[Unit]\nStartLimitBurst=3\nStartLimitIntervalSec=30\n[Service]\n"
+                     f"ExecStartPre=/bin/sh -c 'echo pre >> {log}; exit 3'\nExecStart=/bin/sh -c 'echo main >> {log}'\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):  # stays in the backlog: every re-arm triggers again, until the limit
+        a.wait_log(r'"event":"start-limit"')
+    failures = events(a, "start-failed")
+    assert len(failures) == 3 and lines_of(log) == ["pre"] * 3
+    assert failures[0]["message"] == "cannot start: exec-start-pre: /bin/sh exited with status 3"
+    assert a.stop() == 0
+
+
+def test_exec_condition_skips_and_timeouts_kill(activator, tmp_path):
+    skip_port, slow_port, log = free_port(), free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "skip.socket": sock(skip_port),
+        "skip.service": f"[Service]\nExecCondition=/bin/sh -c 'exit 1'\nExecStart=/bin/sh -c 'echo skip >> {log}'\n",
+        "slow.socket": sock(slow_port),
+        "slow.service": f"[Service]\nTimeoutStartSec=1\nExecStartPre=/bin/sh -c 'echo $$$$ >> {log}; exec sleep 60'\n"
+                        "ExecStart=/bin/true\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening(2)
+    with connect(("127.0.0.1", skip_port)):
+        a.wait_log(r'"event":"start-skipped".*exec-condition /bin/sh exited with status 1')
+    with connect(("127.0.0.1", slow_port)):
+        a.wait_log(r'"event":"exec-timeout"')
+        failed = a.wait_log(r'"event":"start-failed"')
+    assert "exec-start-pre: /bin/sh did not finish within 1s (timeout-start-sec): killed" in failed.string
+    sleeper = int(lines_of(log)[0])
+    wait_for(lambda: not pid_alive(sleeper), what="the command killed")
+    assert "skip" not in lines_of(log) and not events(a, "start")
+    assert a.stop() == 0
+
+
+def test_conditions_skip_a_unit_until_a_reload_finds_them_true(activator, tmp_path):
+    port, flag = free_port(), tmp_path / "flag"
+    units = write_units(tmp_path / "units", {
+        "c.socket": f"[Unit]\nConditionPathExists={flag}\n[Socket]\nListenStream=127.0.0.1:{port}\nAccept=yes\n",
+        "c@.service": f"[Unit]\nConditionPathExists=!{tmp_path}/nothing\nAssertPathIsDirectory={tmp_path}\n"
+                      "[Service]\nExecStart=/bin/cat\nStandardInput=socket\n",
+        "a.socket": sock(free_port()),
+        "a.service": f"[Unit]\nAssertFileNotEmpty={flag}\n[Service]\nExecStart=/bin/true\n"})
+    a = activator("serve", "--log-format", "json", units)
+    skipped = a.wait_log(r'"event":"condition"')
+    assert f"skipped: condition-path-exists={flag} does not hold" in skipped.string
+    assert f"not started: assert-file-not-empty={flag} does not hold" in a.wait_log(r'"event":"assert"').string
+    assert not events(a, "listen")  # a skipped unit binds nothing
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    flag.write_text("x\n")
+    a.signal(signal.SIGHUP)
+    a.wait_log(r'"event":"listen"', count=2)
+    with connect(("127.0.0.1", port)) as c:
+        c.sendall(b"now\n")
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(100) == b"now\n"
+    assert a.stop() == 0
+
+
+def test_a_unit_starts_what_it_requires_and_waits_for_what_it_is_after(activator, tmp_path):
+    db_port, web_port, bad_port, log = free_port(), free_port(), free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "db.socket": sock(db_port),
+        "db.service": f"[Service]\nExecStart=/bin/sh -c 'echo db >> {log}; exec sleep 60'\n"
+                      f"ExecStartPost=/bin/sh -c 'sleep 1; echo db-up >> {log}'\n",
+        "web.socket": sock(web_port),
+        "web.service": f"[Unit]\nRequires=db.service\nAfter=db.service\n[Service]\n"
+                       f"ExecStart=/bin/sh -c 'echo web >> {log}; exec sleep 60'\n",
+        "bad.socket": sock(bad_port),
+        "bad.service": f"[Unit]\nRequires=broken.service\n[Service]\nExecStart=/bin/sh -c 'echo bad >> {log}'\n",
+        "broken.socket": sock(free_port()),
+        "broken.service": "[Service]\nExecStart=/nonexistent/daemon\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening(4)
+    with connect(("127.0.0.1", web_port)):
+        assert wait_lines(log, 3) == ["db", "db-up", "web"]
+    a.wait_log(r'"event":"start"', count=2)
+    assert [e["unit"] for e in events(a, "start")] == ["db", "web"]
+    with connect(("127.0.0.1", bad_port)):
+        failed = a.wait_log(r'"unit":"bad".*"event":"start-failed"')
+    assert "cannot start: required unit broken cannot start" in failed.string
+    assert "bad" not in lines_of(log)
+    assert a.stop() == 0
+
+
+def test_exit_statuses_decide_the_restart(activator, tmp_path):
+    ports = {code: free_port() for code in (3, 4, 7)}
+    files = {}
+    for code, port in ports.items():
+        files[f"x{code}.socket"] = sock(port)
+        files[f"x{code}.service"] = (f"[Service]\nExecStart=/bin/sh -c 'exit {code}'\nRestart=on-failure\n"
+                                     "RestartSec=0.1\nRestartPreventExitStatus=3 SIGKILL\nSuccessExitStatus=7\n")
+    a = activator("serve", "--log-format", "json", write_units(tmp_path / "units", files))
+    a.wait_listening(3)
+    for port in ports.values():
+        with connect(("127.0.0.1", port)):
+            pass
+    a.wait_log(r'"unit":"x4".*"event":"restart"', count=2)
+    wait_for(lambda: {e["unit"] for e in events(a, "exit")} >= {"x3", "x7"}, what="x3 and x7 to exit")
+    assert {e["unit"] for e in events(a, "restart")} == {"x4"}  # 3: prevented; 7: a success
+    assert a.stop() == 0
+
+
+def test_limits_oom_score_and_nice_reach_the_daemon(activator, tmp_path):
+    port = free_port()
+    units = write_units(tmp_path / "units", {
+        "lim.socket": sock(port),
+        "lim.service": "[Service]\nExecStart=/bin/sleep 60\nLimitNOFILE=123:456\nLimitCORE=infinity\n"
+                       "OOMScoreAdjust=321\nNice=7\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):
+        pid = int(a.wait_log(r'started /bin/sleep as pid (\d+)').group(1))
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert re.search(r"^Max open files\s+123\s+456\s", limits, re.M), limits
+    assert re.search(r"^Max core file size\s+unlimited\s+unlimited\s", limits, re.M), limits
+    wait_for(lambda: Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "321", what="oom_score_adj")
+    assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 7  # nice
+    assert a.stop() == 0
+
+
+def test_accept_mode_runs_the_start_commands_for_each_connection(activator, tmp_path):
+    port, log = free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "e.socket": sock(port, "Accept=yes\nMaxConnections=2\n"),
+        "e@.service": f"[Service]\nExecStartPre=/bin/sh -c 'echo pre >> {log}; sleep 0.3'\n"
+                      "ExecStart=/bin/cat\nStandardInput=socket\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    for line in (b"one\n", b"two\n"):
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(line)
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(100) == line
+    assert lines_of(log) == ["pre", "pre"]
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("access,ready", [("main", False), ("all", True), ("none", False)])
+def test_notify_access(activator, tmp_path, access, ready):
+    """READY=1 from a child of the main process: the default and all take it, main and none do not."""
+    port, child = free_port(), tmp_path / "child.py"
+    child.write_text("from activator import daemon\ndaemon.notify('READY=1')\n")
+    units = write_units(tmp_path / "units", {
+        "n.socket": sock(port),
+        "n.service": f"[Service]\nType=notify\nNotifyAccess={access}\nTimeoutStartSec=2\n"
+                     f"ExecStart=/bin/sh -c '{sys.executable} {child}; exec sleep 60'\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):
+        a.wait_log(r'"event":"ready"' if ready else r'"event":"start-timeout"', timeout=15)
+    assert bool(events(a, "ready")) == ready
+    assert a.stop() == 0
