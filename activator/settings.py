@@ -311,8 +311,9 @@ SETTINGS: tuple[Setting, ...] = (
     *(Setting(key, "unit", "unit", key, v.UnitNames(), doc, ("Unit", key.capitalize()), "unit", no_flag=_UNIT_FILES,
               default_doc="none")
       for key, doc in (
-          ("requires", "Units started before this one's daemon starts; when one cannot start, neither does this."),
-          ("wants", "Units started before this one's daemon starts, whether they start or not."),
+          ("requires", "Units started with this one's daemon; one it is also after that does not come up stops "
+           "it from starting."),
+          ("wants", "Units started with this one's daemon, whether they come up or not."),
           ("after", "Of the units started with this one, those its daemon waits for (their daemon up)."),
           ("before", "Of the units started with this one, those that wait for this one's daemon."))),
 )

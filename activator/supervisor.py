@@ -499,6 +499,7 @@ class Engine:
         cancel(us.pause_timer)
         us.restart_pending = False
         self.jobs.abandon(us)
+        self.jobs.went_down(us)
         try:
             self.stop_unit(us, "stop")
         except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
@@ -724,12 +725,14 @@ class Engine:
 
     def _start_dependencies(self, us: UnitState) -> str | None:
         """Start the units this one requires or wants (those that are not running); why it cannot start, or
-        None. A unit skipped by its conditions does not stop this one, as in systemd."""
+        None. As in systemd, only a required unit it is also ordered after can stop it from starting, and a
+        unit skipped by its conditions does not."""
         for name in dict.fromkeys([*us.unit.requires, *us.unit.wants]):
             dep = self.units.get(name)
             if dep is None or dep is us or dep.unit.accept or dep.skipped:
                 continue  # an accept unit is up as long as it listens
-            if dep.main_pid is None and dep.start_job is None and not self._start(dep) and name in us.unit.requires:
+            if dep.main_pid is None and dep.start_job is None and not self._start(dep) \
+                    and name in us.unit.requires and name in us.ordered_after:
                 return f"required unit {name} cannot start ({dep.state})"
         return None
 
@@ -956,8 +959,14 @@ class Engine:
             us.stats.start_failures += 1
             self.log.error("start-failed", f"cannot start instance: {error}", unit=us.name)
             return
-        job = Job("start", self._start_commands(us), partial(self._start_done, us), conn=os.dup(fd),
-                  socket_name=name, peer=(addr, port))
+        try:
+            conn = os.dup(fd)
+        except OSError as exc:  # out of descriptors: this connection is dropped, as accept() would have
+            self.log.warning("accept-failed", f"cannot keep the connection for its start: {exc.strerror}",
+                             unit=us.name, collapse_key="dup", collapse_what="connections dropped")
+            return
+        job = Job("start", self._start_commands(us), partial(self._start_done, us), conn=conn, socket_name=name,
+                  peer=(addr, port))
         us.held += 1
         if addr is not None:
             us.per_source[addr] = us.per_source.get(addr, 0) + 1
@@ -1460,6 +1469,7 @@ class Engine:
         cancel(us.pause_timer)
         us.restart_pending = False
         self.jobs.abandon(us)
+        self.jobs.went_down(us)  # the starts waiting for it must not wait for a unit that is gone
         # Sockets not carried over close now; a daemon still running keeps its own copies until it exits.
         self.stop_unit(us)
         self._close_unit(us, keep=keep)

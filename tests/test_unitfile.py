@@ -1245,7 +1245,8 @@ def test_a_unit_starts_what_it_requires_and_waits_for_what_it_is_after(activator
         "web.service": f"[Unit]\nRequires=db.service\nAfter=db.service\n[Service]\n"
                        f"ExecStart=/bin/sh -c 'echo web >> {log}; exec sleep 60'\n",
         "bad.socket": sock(bad_port),
-        "bad.service": f"[Unit]\nRequires=broken.service\n[Service]\nExecStart=/bin/sh -c 'echo bad >> {log}'\n",
+        "bad.service": f"[Unit]\nRequires=broken.service\nAfter=broken.service\n[Service]\n"
+                       f"ExecStart=/bin/sh -c 'echo bad >> {log}'\n",
         "broken.socket": sock(free_port()),
         "broken.service": "[Service]\nExecStart=/nonexistent/daemon\n"})
     a = activator("serve", "--log-format", "json", units)
