@@ -899,7 +899,7 @@ SERVICE_RULES: dict[str, Rule] = {
     "StartLimitInterval": Rule(SUPPORTED, ("start-limit-interval-sec",), "raw"),
     "StartLimitBurst": Rule(SUPPORTED, ("start-limit-burst",), "int"),
     "Sockets": Rule(SUPPORTED, ("@sockets",), "words"),
-    # needing engine support: new TOML keys
+    # the lifecycle around the daemon: commands, exit statuses, directories, process settings
     "NotifyAccess": Rule(SUPPORTED, ("notify-access",), "raw"),
     **_keyed(SUPPORTED, "RestartPreventExitStatus RestartForceExitStatus SuccessExitStatus", "words"),
     **_keyed(SUPPORTED, "RuntimeDirectory StateDirectory CacheDirectory LogsDirectory ConfigurationDirectory", "words"),
