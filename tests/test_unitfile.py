@@ -1330,3 +1330,26 @@ def test_notify_access(activator, tmp_path, access, ready):
         a.wait_log(r'"event":"ready"' if ready else r'"event":"start-timeout"', timeout=15)
     assert bool(events(a, "ready")) == ready
     assert a.stop() == 0
+
+
+def test_command_prefixes_reach_the_processes(activator, tmp_path, request):
+    """@ names argv[0], + runs a command with activator's credentials instead of User=, - on ExecStart=
+    makes a failing exit a success (no restart=on-failure)."""
+    port, out = free_port(), Path(tempfile.mkdtemp(prefix="activator-prefixes-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(out, ignore_errors=True))
+    os.chmod(out, 0o777)  # User=nobody writes here too
+    units = write_units(tmp_path / "units", {
+        "p.socket": sock(port),
+        "p.service": f"[Service]\nUser=nobody\nRestart=on-failure\nRestartSec=0.1\n"
+                     f"ExecStartPre=+/bin/sh -c 'id -u > {out}/pre'\n"
+                     f"ExecStartPre=/bin/sh -c 'id -u > {out}/pre-user'\n"
+                     f"ExecStart=-@/bin/sh my-name -c 'echo $$0 > {out}/main; exit 3'\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):
+        a.wait_log(r'"event":"exit".*exited with status 3')
+    assert (out / "pre").read_text() == "0\n"
+    assert (out / "pre-user").read_text() == f"{pwd.getpwnam('nobody').pw_uid}\n"
+    assert (out / "main").read_text() == "my-name\n"
+    assert not events(a, "restart")
+    assert a.stop() == 0
