@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -1353,3 +1354,41 @@ def test_command_prefixes_reach_the_processes(activator, tmp_path, request):
     assert (out / "main").read_text() == "my-name\n"
     assert not events(a, "restart")
     assert a.stop() == 0
+
+
+def test_a_stop_during_a_start_ends_the_command_and_starts_nothing(activator, tmp_path):
+    port, held_port, log = free_port(), free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "s.socket": sock(port),
+        "s.service": f"[Service]\nExecStartPre=/bin/sh -c 'echo $$$$ >> {log}; exec sleep 60'\n"
+                     f"ExecStart=/bin/sh -c 'echo main >> {log}'\n",
+        "h.socket": sock(held_port, "Accept=yes\n"),
+        "h@.service": f"[Service]\nExecStartPre=/bin/sh -c 'echo $$$$ >> {log}; exec sleep 60'\n"
+                      "ExecStart=/bin/cat\nStandardInput=socket\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening(2)
+    with connect(("127.0.0.1", port)), connect(("127.0.0.1", held_port)) as held:
+        commands = [int(pid) for pid in wait_lines(log, 2)]
+        started = time.monotonic()
+        assert a.stop() == 0
+        assert held.recv(10) == b""  # the connection that waited for its instance is closed, not served
+    assert time.monotonic() - started < 5 and not any(map(pid_alive, commands))
+    assert lines_of(log) == [str(pid) for pid in commands] and not events(a, "start")
+
+
+def test_a_reload_during_a_start_replaces_it(activator, tmp_path):
+    """A changed unit's start under way is abandoned (its command stopped); the new unit starts afresh."""
+    port, log = free_port(), tmp_path / "log"
+    units = write_units(tmp_path / "units", {
+        "r.socket": sock(port),
+        "r.service": f"[Service]\nExecStartPre=/bin/sh -c 'echo $$$$ >> {log}; exec sleep 60'\nExecStart=/bin/true\n"})
+    a = activator("serve", "--log-format", "json", units)
+    a.wait_listening()
+    with connect(("127.0.0.1", port)):
+        (first,) = map(int, wait_lines(log, 1))
+        drop_in(units, "r.service", "[Service]\nEnvironment=CHANGED=1\n")
+        a.signal(signal.SIGHUP)
+        second = int(wait_lines(log, 2)[1])  # the connection still waits: the new unit starts for it
+        assert not pid_alive(first) and pid_alive(second)
+    assert a.stop() == 0
+    assert not pid_alive(second)
