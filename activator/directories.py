@@ -76,7 +76,8 @@ def environment(directories: list[Directory]) -> dict[str, str]:
 
 
 def create(directory: Directory, uid: int, gid: int) -> None:
-    """Make the directory (and its parents) and give it its mode and owner; OSError naming the path."""
+    """Make the directory (and its parents) and give it its mode and owner; OSError (its filename: the path at
+    fault; a symbolic link where a directory is expected is "not a directory")."""
     root = directory.root
     os.makedirs(root, 0o755, exist_ok=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -91,9 +92,8 @@ def create(directory: Directory, uid: int, gid: int) -> None:
             try:
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
-                where = os.path.join(root, *parts[:i + 1])
                 reason = "not a directory" if exc.errno in (errno.ENOTDIR, errno.ELOOP) else exc.strerror
-                raise OSError(exc.errno, f"{where}: {reason}") from None
+                raise OSError(exc.errno, reason, os.path.join(root, *parts[:i + 1])) from None
             os.close(fd)
             fd = child
         os.fchmod(fd, directory.mode)

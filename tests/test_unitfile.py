@@ -1392,3 +1392,57 @@ def test_a_reload_during_a_start_replaces_it(activator, tmp_path):
         assert not pid_alive(first) and pid_alive(second)
     assert a.stop() == 0
     assert not pid_alive(second)
+
+
+# ====================================================================== the pieces, on their own
+def test_restart_decision_with_exit_statuses():
+    from activator.processes import should_restart
+    from activator.units import ExitStatuses
+
+    exited = lambda code: code << 8  # noqa: E731 - wait() statuses
+    killed = signal.SIGKILL
+    prevent, force = ExitStatuses(frozenset({3}), frozenset({killed})), ExitStatuses(frozenset({4}))
+    success = ExitStatuses(frozenset({7}))
+    cases = [("on-failure", exited(3), None, False), ("on-failure", killed, None, False),
+             ("always", exited(3), None, False), ("no", exited(4), None, True), ("on-success", exited(4), None, True),
+             ("on-failure", exited(7), None, False), ("on-success", exited(7), None, True),
+             ("on-failure", exited(5), None, True), ("on-failure", exited(0), "start-post", True)]
+    for policy, status, forced, expected in cases:
+        assert should_restart(policy, status, forced, success, prevent, force) is expected, (policy, status)
+
+
+def test_conditions_combine_as_systemd_does(tmp_path):
+    from activator.conditions import check
+    from activator.units import Condition
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").touch()
+    (tmp_path / "link").symlink_to("file")
+    here, missing = str(tmp_path / "file"), str(tmp_path / "missing")
+    holding = [Condition("path-exists", here), Condition("path-exists", missing, negate=True),
+               Condition("file-not-empty", here), Condition("path-is-symbolic-link", str(tmp_path / "link")),
+               Condition("directory-not-empty", str(tmp_path)), Condition("path-exists-glob", f"{tmp_path}/f*"),
+               Condition("path-is-read-write", str(tmp_path)), Condition("path-is-mount-point", "/"),
+               Condition("file-is-executable", "/bin/sh"), Condition("path-is-directory", str(tmp_path))]
+    assert check(holding) is None
+    bad = Condition("file-not-empty", str(tmp_path / "empty"))
+    assert check([*holding, bad]) == (bad, False)
+    triggers = [Condition("path-exists", missing, trigger=True), Condition("path-exists", here, trigger=True)]
+    assert check(triggers) is None and check(triggers[:1]) == (triggers[0], False)
+    assertion = Condition("path-exists", missing, assertion=True)
+    assert check([assertion]) == (assertion, True) and check([bad, assertion]) == (bad, False)
+
+
+def test_directories_never_follow_a_link(tmp_path):
+    from activator.directories import Directory, create
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "planted").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError) as info:
+        create(Directory("state", str(tmp_path), "planted/sub", 0o700), -1, -1)
+    assert info.value.filename == f"{tmp_path}/planted" and not (tmp_path / "elsewhere" / "sub").exists()
+    create(Directory("state", str(tmp_path), "a/b", 0o750), os.getuid(), os.getgid())
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "b").st_mode) == 0o750
+    create(Directory("state", str(tmp_path), "a/b", 0o700), -1, -1)  # again: the mode is set again
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "b").st_mode) == 0o700
