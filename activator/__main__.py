@@ -22,10 +22,11 @@ Options:
   -h, --help  Show this message and exit.
 
 Commands:
-  check  Validate TOML unit files without binding anything.
-  ctl    Control a running activator: status, start, stop, reload.
-  run    Start COMMAND on demand with the sockets at fd 3, 4, ...
-  serve  Run the units of TOML files; SIGHUP reloads.
+  check    Validate unit files without binding anything.
+  convert  Print systemd unit files as TOML units.
+  ctl      Control a running activator: status, start, stop, reload.
+  run      Start COMMAND on demand with the sockets at fd 3, 4, ...
+  serve    Run the units of TOML and systemd unit files; SIGHUP reloads.
 """
 
 

@@ -276,7 +276,10 @@ def _inherited_fds() -> list[tuple[int, str]]:
               f"not open ({exc.strerror})")
 
 
-def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, control=None) -> None:
+def _engine_main(units, verbose, log_format, forward, exit_with_service=False, reloader=None, warnings=(),
+                 reload_daemons=False, control=None) -> None:
+    """Run the engine. ``reloader`` (serve) returns a Configuration: its warnings are logged at each reload,
+    as ``warnings`` are at start (event ``unit-file``)."""
     from .control import attach_control
     from .log import Log
     from .sockets import BindError
@@ -287,8 +290,17 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
     # the ones passed to us by socket activation are passed on explicitly, by position.
     cloexec_all_above(3)
     log = Log(verbose=verbose, fmt=log_format)
+    for line in warnings:
+        log.warning("unit-file", line)
+
+    def reload_units() -> list:
+        configuration = reloader()
+        for line in configuration.warnings:
+            log.warning("unit-file", line)
+        return configuration.units
+
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
-                    reloader=reloader)
+                    reloader=reload_units if reloader else None, reload_daemons=reload_daemons)
     with attach_control(engine, control):  # opened first: when it fails, nothing is bound
         try:
             engine.open()
@@ -309,52 +321,88 @@ def _config_paths(paths: tuple[str, ...]) -> list[str]:
     return ["/etc/activator"]
 
 
-@main.command(short_help="Run the units of TOML files; SIGHUP reloads.")
+def _strict_option(f):
+    return click.option("--strict", is_flag=True,
+                        help="Directives of unit files that activator cannot honour are errors, not warnings.")(f)
+
+
+def _print_errors(messages: list[str]) -> NoReturn:
+    for line in messages:
+        click.echo(f"activator: error: {line}", err=True)
+    sys.exit(1)
+
+
+def _print_warnings(messages: list[str]) -> None:
+    for line in messages:
+        click.echo(f"activator: warning: {line}", err=True)
+
+
+@main.command(short_help="Run the units of TOML and systemd unit files; SIGHUP reloads.")
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--exit-with-service", is_flag=True,
               help="Stop everything and exit, with its status, as soon as any unit's daemon exits.")
+@click.option("--reload-daemons", is_flag=True,
+              help="At each reload (SIGHUP), also run exec-reload of the units left unchanged whose daemon runs.")
+@_strict_option
 @_forward_option
 @_logging_options
 @control_options
-def serve(paths, exit_with_service, forward, verbose, log_format, control):
-    """Run the units of PATH (TOML files, or directories of *.toml).
+def serve(paths, exit_with_service, reload_daemons, strict, forward, verbose, log_format, control):
+    """Run the units of PATH: TOML files, systemd *.socket and *.service files, or directories of them.
 
     Without PATH: $ACTIVATOR_CONFIG, else /etc/activator. SIGHUP reloads.
     """
-    from .config import ConfigError, load_units
+    from .config import ConfigError, load_configuration
 
     sources = _config_paths(paths)
     inherited = _inherited_fds()  # read once: units take them with listen-inherited
     try:
-        units = load_units(sources, inherited=inherited)
+        configuration = load_configuration(sources, inherited=inherited, strict=strict)
     except ConfigError as exc:
-        for line in exc.messages:
-            click.echo(f"activator: error: {line}", err=True)
-        sys.exit(1)
-    if not units:
+        _print_errors(exc.messages)
+    if not configuration.units:
         _fail(f"no units found in {', '.join(sources)}")
-    _engine_main(units, verbose, log_format, forward, exit_with_service=exit_with_service,
-                 reloader=lambda: load_units(sources, inherited=inherited), control=control)
+    _engine_main(configuration.units, verbose, log_format, forward, exit_with_service=exit_with_service,
+                 reloader=lambda: load_configuration(sources, inherited=inherited, strict=strict),
+                 warnings=configuration.warnings, reload_daemons=reload_daemons, control=control)
 
 
-@main.command(short_help="Validate TOML unit files without binding anything.")
+@main.command(short_help="Validate unit files without binding anything.")
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
-def check(paths):
-    """Validate unit files without binding anything: exit 0 when valid, 1 listing every error."""
-    from .config import ConfigError, load_units
+@_strict_option
+def check(paths, strict):
+    """Validate unit files (TOML, systemd *.socket and *.service) without binding anything: exit 0 when
+    valid, 1 listing every error. What unit files hold that activator cannot honour is listed too."""
+    from .config import ConfigError, load_configuration
 
     sources = _config_paths(paths)
     try:
-        units = load_units(sources)
+        configuration = load_configuration(sources, strict=strict)
     except ConfigError as exc:
-        for line in exc.messages:
-            click.echo(f"activator: error: {line}", err=True)
-        sys.exit(1)
-    for unit in units:
+        _print_errors(exc.messages)
+    _print_warnings(configuration.warnings)
+    for unit in configuration.units:
         listens = ", ".join(s.label for s in unit.sockets)
         via = f" (proxied to {unit.service.proxy_to})" if unit.service.proxy_to is not None else ""
         click.echo(f"{unit.name}: {listens} -> {' '.join(unit.service.argv)}{via}")
-    click.echo(f"{len(units)} unit(s) OK")
+    click.echo(f"{len(configuration.units)} unit(s) OK")
+
+
+@main.command(short_help="Print systemd unit files as TOML units.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
+@_strict_option
+def convert(paths, strict):
+    """Print the TOML units equivalent to systemd *.socket and *.service files (or directories of them):
+    what serve would run. Exit 1 listing every error; warnings go to stderr."""
+    from .config import ConfigError, convert_unit_files
+    from .unitfile import to_toml
+
+    try:
+        document, warnings = convert_unit_files(list(paths), strict=strict)
+    except ConfigError as exc:
+        _print_errors(exc.messages)
+    _print_warnings(warnings)
+    click.echo(to_toml(document), nl=False)
 
 
 main.add_command(ctl)

@@ -1,4 +1,4 @@
-"""Units from TOML files: ``activator serve`` and ``activator check``.
+"""Units from TOML files and systemd unit files: ``activator serve``, ``check`` and ``convert``.
 
 A file holds any number of units. A unit is a top-level table named after it,
 with a ``socket`` part (a table, or an array of tables when one service has
@@ -15,9 +15,11 @@ Keys are systemd's directive names in kebab-case, with systemd's meaning and
 defaults; each is declared in activator.settings, which parses and bounds its
 value. :func:`load_units` reports every problem it finds at once, one line
 each, naming the file, the unit and the key; it never binds anything.
-:class:`Loader` also takes documents of the same shape that come from elsewhere
-(``activator run`` builds one from its options, so that both go through the
-same checks).
+:class:`Loader` also takes documents of the same shape that come from elsewhere:
+``activator run`` builds one from its options, and :mod:`activator.unitfile`
+translates systemd's ``*.socket`` and ``*.service`` files into one, so that all
+of them go through the same checks (a unit file's problems name the file and
+the directive, ``FILE: [Socket] Backlog=: ...``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .envfile import read_environment_file
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
@@ -37,7 +39,11 @@ from .values import Invalid, show, suggest, type_name
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
 UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PART = re.compile(r"socket(\[[0-9]+\])?|service")  # where a whole part of a unit is at fault
 PARTS = ("socket", "service")
+UNIT_FILE_SUFFIXES = (".socket", ".service")
+# What makes a directory one of systemd unit files (or drop-ins of them) rather than of TOML files.
+_UNIT_DIR_ENTRIES = (".socket", ".service", ".socket.d", ".service.d")
 UNIT_KEYS = (*keys_in("unit"), *PARTS)
 SOCKET_KEYS = keys_in("socket")
 SERVICE_KEYS = keys_in("service")
@@ -54,7 +60,7 @@ class Problem:
     key: str | None = None  # the setting at fault, if one is
 
     def __str__(self) -> str:
-        parts = [path_label(self.origin)]
+        parts = [path_label(self.origin)] if self.origin else []
         if self.unit is not None:
             parts.append(unit_label(self.unit))
         if self.where:
@@ -149,6 +155,13 @@ def _socket_type(fd: int) -> int:
         return probe.type
 
 
+def _merged(old: Any, new: Any) -> Any:
+    """What several keys that fill one attribute give together (conditions, limits)."""
+    if old is None:
+        return new
+    return {**old, **new} if isinstance(new, dict) else [*old, *new]
+
+
 # ------------------------------------------------------------------ loading
 @dataclass
 class _Context:
@@ -161,17 +174,27 @@ class _Context:
 class _UnitLoader:
     """One unit table: every key parsed by its setting, problems added to the context."""
 
-    def __init__(self, ctx: _Context, origin: str, name: str, table: dict):
+    def __init__(self, ctx: _Context, origin: str, name: str, table: dict, locations: dict[str, str] | None = None):
         self.ctx = ctx
         self.origin = origin
         self.name = name
         self.table = table
+        self.locations = locations or {}
         self.ok = True
         self.unit_wide: dict[tuple[str, str], tuple[Any, str]] = {}  # (target, attr) -> (value, where)
 
     def error(self, where: str | None, message: str, key: str | None = None) -> None:
         self.ok = False
-        self.ctx.problems.append(Problem(message, self.origin, self.name, where, key))
+        self.ctx.problems.append(self._problem(where, message, key))
+
+    def _problem(self, where: str | None, message: str, key: str | None) -> Problem:
+        """A problem named where it was written: for a unit file, the directive (``FILE: [Socket] Backlog=``)
+        or at least the file of the part (``socket[2]``); for TOML, the file, the unit and the key."""
+        directive = self.locations.get(where or "")
+        if directive is not None and where and not _PART.fullmatch(where):
+            return Problem(message, directive, key=key)
+        part = (where or "").partition(".")[0]
+        return Problem(message, self.locations.get(part, self.origin), self.name, where, key)
 
     def parse(self, where: str, setting: Setting, value: Any) -> Any:
         """The parsed value, or None after reporting why it is invalid (no parser returns None)."""
@@ -187,6 +210,9 @@ class _UnitLoader:
     def set_unit_wide(self, setting: Setting, where: str, value: Any) -> None:
         """A value of the whole unit, which several socket tables may repeat but must not contradict."""
         slot = (setting.target, setting.attr)
+        if setting.merge:
+            self.unit_wide[slot] = (_merged(self.unit_wide.get(slot, (None, ""))[0], value), where)
+            return
         if slot in self.unit_wide and self.unit_wide[slot][0] != value:
             self.error(where, f"conflicts with {self.unit_wide[slot][1]} (one value per unit)", setting.key)
             return
@@ -330,8 +356,11 @@ class _UnitLoader:
                 self.set_unit_wide(setting, at, parsed)
             elif key == "environment-file":
                 env_files = parsed
+            elif key == "exec-start":
+                attrs.update(argv=list(parsed.argv), exec_path=parsed.path, ignore_failure=parsed.ignore_failure,
+                             expand_environment=parsed.expand_environment, privileged=parsed.privileged)
             else:
-                attrs[setting.attr] = parsed
+                attrs[setting.attr] = _merged(attrs.get(setting.attr), parsed) if setting.merge else parsed
         if "working_directory" in attrs:
             attrs["working_directory"] = self.working_directory(attrs["working_directory"], attrs.get("user"))
         # As in systemd, variables from environment-file override those of environment.
@@ -440,32 +469,46 @@ class _UnitLoader:
 
 
 class Loader:
-    """Units from TOML files and TOML-shaped documents, with every problem collected; :meth:`finish` returns them.
+    """Units from TOML files, systemd unit files and TOML-shaped documents, with every problem collected;
+    :meth:`finish` returns them.
 
     ``inherited``: the (fd, name) pairs activator itself was passed (LISTEN_FDS);
     ``listen-inherited`` keys select from them. None (``check``): not looked up.
+    ``strict``: what unit files hold that activator cannot honour is an error, not a warning.
     """
 
-    def __init__(self, inherited: list[tuple[int, str]] | None = None):
+    def __init__(self, inherited: list[tuple[int, str]] | None = None, strict: bool = False):
         self.ctx = _Context(inherited=inherited)
+        self.strict = strict
         self.units: list[Unit] = []
         self.seen: dict[str, str] = {}  # unit name -> where it was defined
         self.files: set[str] = set()
+        self.warnings: list[str] = []  # one line each: what unit files hold that activator does not honour
+        self.unit_documents: dict[str, dict[str, Any]] = {}  # the translated unit files, for `convert`
 
     def problem(self, origin: str, message: str) -> None:
         self.ctx.problems.append(Problem(message, origin))
 
     def add_paths(self, paths: list[str]) -> None:
+        """TOML files, unit files, and directories of either (or both); unit files go to the unit-file
+        reader together, in the order given, since their directories are one search path."""
         if not paths:
             self.problem("activator", "no configuration path given")
-        for path in paths:
-            for file in self._files(str(path)):
+        unit_paths: list[str] = []
+        for path in map(str, paths):
+            if path.endswith(UNIT_FILE_SUFFIXES):  # may name an instance of a template: no file of its own
+                unit_paths.append(path)
+                continue
+            for file in self._files(path, unit_paths):
                 real = os.path.realpath(file)
                 if real not in self.files:  # the same file named twice (itself and its directory) counts once
                     self.files.add(real)
                     self.add_file(file)
+        if unit_paths:
+            self.add_unit_files(unit_paths)
 
-    def _files(self, path: str) -> list[str]:
+    def _files(self, path: str, unit_paths: list[str]) -> list[str]:
+        """The TOML files of ``path``; a directory that holds unit files is added to ``unit_paths``."""
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -474,14 +517,30 @@ class Loader:
         if not stat.S_ISDIR(st.st_mode):
             return [path]
         try:
-            names = sorted(n for n in os.listdir(path) if n.endswith(".toml") and not n.startswith("."))
+            names = sorted(n for n in os.listdir(path) if not n.startswith("."))
         except OSError as exc:
             self.problem(path, f"cannot list directory: {exc.strerror or exc}")
             return []
-        files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not files:
-            self.problem(path, "no *.toml files in this directory")
+        files = [os.path.join(path, n) for n in names if n.endswith(".toml") and os.path.isfile(os.path.join(path, n))]
+        if any(n.endswith(_UNIT_DIR_ENTRIES) or n in ("socket.d", "service.d") for n in names):
+            unit_paths.append(path)
+        elif not files:
+            self.problem(path, "no *.toml files in this directory (nor *.socket or *.service unit files)")
         return files
+
+    def add_unit_files(self, paths: list[str]) -> None:
+        """The units of systemd ``*.socket``/``*.service`` files and directories (activator.unitfile)."""
+        from .unitfile import UnitFileError, load_unit_files
+
+        try:
+            loaded = load_unit_files(paths, self.strict)
+        except UnitFileError as exc:
+            self.ctx.problems.extend(Problem(line) for line in exc.messages)
+            return
+        self.warnings.extend(str(w) for w in loaded.warnings)
+        for name, table in loaded.document.items():
+            self.unit_documents[name] = table
+            self.add_document({name: table}, loaded.sources[name][0], loaded.origins[name])
 
     def add_file(self, path: str) -> None:
         try:
@@ -496,8 +555,12 @@ class Loader:
             return
         self.add_document(document, path)
 
-    def add_document(self, document: dict[str, Any], origin: str) -> None:
-        """Every unit of a TOML-shaped document (``{name: {"socket": …, "service": …}}``) from ``origin``."""
+    def add_document(self, document: dict[str, Any], origin: str, locations: dict[str, str] | None = None) -> None:
+        """Every unit of a TOML-shaped document (``{name: {"socket": …, "service": …}}``) from ``origin``.
+
+        ``locations``: where each value was written, by the loader's names for them (``"socket.backlog"``,
+        ``"socket[2]"``, ``"service"``), for problems to name (a unit file's directive).
+        """
         for name, table in document.items():
             if not isinstance(table, dict):
                 self.ctx.problems.append(Problem(
@@ -508,18 +571,94 @@ class Loader:
                 self.ctx.problems.append(Problem(f"unit name already defined in {self.seen[name]}", origin, name))
                 continue
             self.seen[name] = origin
-            unit = _UnitLoader(self.ctx, origin, name, table).load()
+            unit = _UnitLoader(self.ctx, origin, name, table, locations).load()
             if unit is not None:
                 self.units.append(unit)
 
     def finish(self) -> list[Unit]:
+        self._check_dependencies()
         if self.ctx.problems:
             raise ConfigError(self.ctx.problems)
         return self.units
 
+    def _check_dependencies(self) -> None:
+        """requires, wants, after and before name units loaded together, and their order has no cycle."""
+        for unit in self.units:
+            for key in DEPENDENCY_KEYS:
+                for name in getattr(unit, key):
+                    if name == unit.name:
+                        message = "names the unit itself"
+                    elif name not in self.seen:
+                        message = f"no unit {unit_label(name)} is loaded{suggest(name, self.seen)}"
+                    else:
+                        continue
+                    self.ctx.problems.append(Problem(message, self.seen[unit.name], unit.name, key, key))
+        cycle = _ordering_cycle(self.units)
+        if cycle:
+            self.ctx.problems.append(Problem(f"ordering cycle: {' after '.join(map(unit_label, cycle))} (after and "
+                                             "before)", self.seen[cycle[0]], cycle[0], "after", "after"))
 
-def load_units(paths: list[str], inherited: list[tuple[int, str]] | None = None) -> list[Unit]:
-    """Every unit of every file (or directory of ``*.toml``, sorted) in ``paths``; ConfigError lists every problem."""
-    loader = Loader(inherited)
+
+DEPENDENCY_KEYS = ("requires", "wants", "after", "before")
+
+
+def _ordering_cycle(units: list[Unit]) -> list[str] | None:
+    """A cycle of after/before among the units, as names from its start back to it; None when there is none."""
+    first: dict[str, set[str]] = {u.name: set() for u in units}  # unit -> the units that start before it
+    for u in units:
+        first[u.name].update(name for name in u.after if name in first)
+        for name in u.before:
+            if name in first:
+                first[name].add(u.name)
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    for root in first:
+        if root in state:
+            continue
+        path = [root]
+        stack = [iter(sorted(first[root]))]
+        state[root] = 1
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(step) == 1:
+                return [*path[path.index(step):], step]
+            elif step not in state:
+                state[step] = 1
+                path.append(step)
+                stack.append(iter(sorted(first[step])))
+    return None
+
+
+class Configuration(NamedTuple):
+    units: list[Unit]
+    warnings: list[str]  # what unit files hold that activator does not honour, one line each
+
+
+def load_configuration(paths: list[str], inherited: list[tuple[int, str]] | None = None,
+                       strict: bool = False) -> Configuration:
+    """Every unit of every file (TOML, or systemd unit files) or directory in ``paths``, with the warnings
+    about unit files; ConfigError lists every problem (with ``strict``, the warnings are problems too)."""
+    loader = Loader(inherited, strict)
     loader.add_paths(paths)
-    return loader.finish()
+    return Configuration(loader.finish(), loader.warnings)
+
+
+def load_units(paths: list[str], inherited: list[tuple[int, str]] | None = None, strict: bool = False) -> list[Unit]:
+    """The units of :func:`load_configuration`, without its warnings."""
+    return load_configuration(paths, inherited, strict).units
+
+
+def convert_unit_files(paths: list[str], strict: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """``activator convert``: the TOML-shaped document of systemd unit files, checked by the settings model
+    as ``serve`` would check it, and the warnings; ConfigError lists every problem."""
+    loader = Loader(strict=strict)
+    unit_paths = [path for path in paths if path.endswith(UNIT_FILE_SUFFIXES) or os.path.isdir(path)]
+    for path in paths:
+        if path not in unit_paths:
+            loader.problem(path, "not a systemd unit file (convert reads *.socket and *.service files and "
+                                 "directories of them)")
+    loader.add_unit_files(unit_paths)
+    loader.finish()
+    return loader.unit_documents, loader.warnings

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Protocol
 
 PR_SET_CHILD_SUBREAPER = 36
+
+
+def adjust(pid: int, oom_score_adjust: int | None, nice: int | None) -> None:
+    """oom-score-adjust and nice of a process we just started (OSError when the kernel refuses)."""
+    if oom_score_adjust is not None:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(oom_score_adjust))
+    if nice is not None:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
 
 
 def set_child_subreaper() -> bool:
@@ -241,8 +251,20 @@ def parse_signal(value: str | int) -> int:
 CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
 
 
-def should_restart(policy: str, status: int, forced: str | None = None) -> bool:
-    """systemd's Restart= table; ``forced`` is 'timeout' or 'watchdog' when we ended the daemon."""
+class StatusSet(Protocol):
+    def matches(self, status: int) -> bool: ...
+
+
+def should_restart(policy: str, status: int, forced: str | None = None, success: StatusSet | None = None,
+                   prevent: StatusSet | None = None, force: StatusSet | None = None) -> bool:
+    """systemd's Restart= table; ``forced`` is why we ended the daemon ('timeout', 'watchdog') or why its start
+    failed after it was spawned. ``success`` (SuccessExitStatus=) adds to the clean exits; a status in
+    ``prevent`` (RestartPreventExitStatus=) never restarts, one in ``force`` (RestartForceExitStatus=) always
+    does, whatever the policy, as in systemd."""
+    if prevent is not None and prevent.matches(status):
+        return False
+    if force is not None and force.matches(status):
+        return True
     if policy == "always":
         return True
     if policy == "no":
@@ -250,6 +272,7 @@ def should_restart(policy: str, status: int, forced: str | None = None) -> bool:
     clean = forced is None and (
         (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
         or (os.WIFSIGNALED(status) and os.WTERMSIG(status) in CLEAN_SIGNALS)
+        or (success is not None and success.matches(status))
     )
     unclean_signal = os.WIFSIGNALED(status) and os.WTERMSIG(status) not in CLEAN_SIGNALS
     if policy == "on-success":

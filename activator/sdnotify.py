@@ -229,12 +229,15 @@ class StoredFd:
 class NotifyHub:
     """The engine's side of sd_notify: readiness, status, MAINPID, the watchdog and the fd store.
 
-    Units get a NOTIFY_SOCKET when their service is ``type = "notify"``, has a watchdog
-    or has a descriptor store (Accept=no units only): a socket of their own, which only
-    the unit's user (and root) can send to. Messages are accepted only from the unit's
-    main process and its descendants; the sender is found in O(1) of the number of
-    processes (our own table first, then a bounded walk up the sender's ancestry), and
-    messages from senders that are not ours are rate-limited before any lookup.
+    Units get a NOTIFY_SOCKET when their service is ``type = "notify"``, has a watchdog,
+    a descriptor store or a notify-access (Accept=no units only): a socket of their own,
+    which only the unit's user (and root) can send to. Messages are accepted from the
+    unit's main process and its descendants; notify-access narrows that to the main process
+    (``main``), to it and the unit's control commands (``exec``), or widens it to every
+    process of the unit and their descendants (``all``); ``none`` accepts nothing. The
+    sender is found in O(1) of the number of processes (our own table first, then a bounded
+    walk up the sender's ancestry), and messages from senders that are not ours are
+    rate-limited before any lookup.
 
     It drives the unit lifecycle only through the engine's public API.
     """
@@ -265,7 +268,8 @@ class NotifyHub:
     @staticmethod
     def wants(unit) -> bool:
         svc = unit.service
-        return not unit.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0)
+        return not unit.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0
+                                    or svc.notify_access in ("main", "exec", "all"))
 
     def _socket_for(self, us) -> NotifySocket:
         sock = self.sockets.get(us.name)
@@ -283,11 +287,16 @@ class NotifyHub:
         self.loop.add_reader(sock.fileno(), lambda: self._on_readable(name, sock))
         return sock
 
+    def socket_address(self, us) -> str | None:
+        """The unit's NOTIFY_SOCKET, None when it gets none."""
+        return self._socket_for(us).address if self.wants(us.unit) else None
+
     def service_env(self, us) -> dict[str, str]:
         """NOTIFY_SOCKET (and WATCHDOG_USEC) for the daemon about to start."""
-        if not self.wants(us.unit):
+        address = self.socket_address(us)
+        if address is None:
             return {}
-        env = {"NOTIFY_SOCKET": self._socket_for(us).address}
+        env = {"NOTIFY_SOCKET": address}
         wd = us.unit.service.watchdog_sec
         if 0 < wd < float("inf"):
             env["WATCHDOG_USEC"] = str(int(wd * 1_000_000))
@@ -394,9 +403,15 @@ class NotifyHub:
         us = self.engine.units.get(name)
         if us is None or us.main_pid is None or not self.wants(us.unit):
             return None
+        access = us.unit.service.notify_access
+        if access == "none":
+            return None
         owner = self.engine.unit_of_pid(pid)
         if owner is not None:
-            return us if owner is us and pid == us.main_pid else None
+            mine = owner is us and (pid == us.main_pid or access == "all" or (access == "exec" and pid in us.jobs))
+            return us if mine else None
+        if access in ("main", "exec"):
+            return None  # not a process of ours: only descendants are left, which these do not take
         if not self.strangers.allow(self.engine.clock()):
             return False  # a flood of messages from processes that are not ours: not even looked up
         current = pid
@@ -404,7 +419,7 @@ class NotifyHub:
             parent = processes.parent_of(current)
             if parent is None or parent <= 1:
                 return None
-            if parent == us.main_pid:
+            if parent == us.main_pid or (access == "all" and self.engine.unit_of_pid(parent) is us):
                 return us
             if self.engine.unit_of_pid(parent) is not None:
                 return None  # a process of ours that is not this unit's main process

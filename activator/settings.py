@@ -34,6 +34,7 @@ from .units import BindSpec, InheritedSpec, ServiceSpec, Unit
 RESTART_POLICIES = ("no", "on-success", "on-failure", "on-abnormal", "on-abort", "always")
 KILL_MODES = ("control-group", "mixed", "process", "none")
 SERVICE_TYPES = ("simple", "exec", "notify")
+NOTIFY_ACCESS = ("main", "exec", "all", "none")
 STDIN_MODES = ("null", "socket", "inherit")
 STDOUT_MODES = ("inherit", "null", "socket", "journal")
 BIND_IPV6_ONLY = ("default", "both", "ipv6-only")
@@ -61,6 +62,7 @@ class Setting:
     no_flag: str = ""
     default_doc: str = ""  # the default in words, where the value alone would not say it
     run_default: Any = None  # the TOML value `run` uses when the option is absent (a callable: computed then)
+    merge: bool = False  # several keys fill one attribute: their lists are joined, their tables merged
 
     @property
     def default(self) -> Any:
@@ -91,6 +93,37 @@ def _umask_mode() -> str:
 
 _RATE_INFINITY = ("activator pauses activation until the interval ends, so an endless interval would stop "
                   "the unit for good; write 0 to turn the limit off")
+
+
+_UNIT_FILES = "units only"
+# kind, where, what happens at stop
+DIRECTORIES = (("runtime", "/run", ", removed when it stops"), ("state", "/var/lib", ""), ("cache", "/var/cache", ""),
+               ("logs", "/var/log", ""), ("configuration", "/etc", ""))
+# RLIMIT_ name, its number on Linux (Python's resource module lacks RLIMIT_LOCKS), the unit of its value, what
+# it limits
+LIMITS = (("CPU", 0, "seconds", "CPU time"), ("FSIZE", 1, "bytes", "file size"), ("DATA", 2, "bytes", "data segment"),
+          ("STACK", 3, "bytes", "stack"), ("CORE", 4, "bytes", "core file size"), ("RSS", 5, "bytes", "resident set"),
+          ("NPROC", 6, "count", "processes of the user"), ("NOFILE", 7, "count", "open files"),
+          ("MEMLOCK", 8, "bytes", "locked memory"), ("AS", 9, "bytes", "address space"),
+          ("LOCKS", 10, "count", "file locks"), ("SIGPENDING", 11, "count", "queued signals"),
+          ("MSGQUEUE", 12, "bytes", "POSIX message queues"), ("NICE", 13, "nice", "the lowest nice level"),
+          ("RTPRIO", 14, "count", "real-time priority"),
+          ("RTTIME", 15, "usec", "real-time CPU time without a blocking call"))
+PATH_CONDITIONS = (
+    ("path-exists", "The path exists."), ("path-exists-glob", "The glob pattern matches a path."),
+    ("path-is-directory", "The path is a directory."), ("path-is-symbolic-link", "The path is a symbolic link."),
+    ("path-is-mount-point", "The path is a mount point."),
+    ("path-is-read-write", "The path is on a file system mounted read-write."),
+    ("path-is-encrypted", "The path is on an encrypted block device (dm-crypt)."),
+    ("directory-not-empty", "The path is a directory with an entry."),
+    ("file-not-empty", "The path is a regular file that is not empty."),
+    ("file-is-executable", "The path is an executable regular file."),
+)
+
+
+def _camel(kebab: str) -> str:
+    """path-is-read-write -> PathIsReadWrite: the directive's name."""
+    return "".join(part.capitalize() for part in kebab.split("-"))
 
 
 def _socket(key, attr, parse, doc, directive, reload, **kw) -> Setting:
@@ -178,9 +211,10 @@ SETTINGS: tuple[Setting, ...] = (
     _unit_wide("ip-address-deny", "ip_address_deny", v.Networks(), "Accept mode: peers closed before any "
                "process starts, unless allowed.", "IPAddressDeny", flags=("--ip-address-deny",), default_doc="none"),
     # ---------------------------------------------------------------- the service
-    _service("exec-start", "argv", v.Argv(), "The command: an argv array, or a string split as a shell would "
-             "(without running a shell).", "ExecStart", "service", no_flag="COMMAND [ARGS...]",
-             default_doc="required"),
+    _service("exec-start", "argv", v.Exec(), "The command: an argv array, or a string split as a shell would "
+             "(without running a shell), or a table: argv, path (the executable, argv[0] being its name), "
+             "ignore-failure, expand-environment ($VAR and ${VAR} at start), privileged (not as user).",
+             "ExecStart", "service", no_flag="COMMAND [ARGS...]", default_doc="required"),
     _service("environment", "environment", v.Environment(), "Variables for the daemon: a table, or an array of "
              "\"NAME=VALUE\".", "Environment", "service",
              no_flag="-E/--setenv NAME[=VALUE]", default_doc="none"),
@@ -237,6 +271,61 @@ SETTINGS: tuple[Setting, ...] = (
             "daemon once it has had no connection for this long; the next connection starts it again "
             "(systemd-socket-proxyd's --exit-idle-time).", None, "unit",
             flags=("--exit-idle-sec", "--exit-idle-time"), default_doc="infinity (never)"),
+    # ---------------------------------------------------------------- around the main command (unit files)
+    *(_service(key, key.replace("-", "_"), parse, doc, _camel(key), reload, no_flag=_UNIT_FILES, default_doc="none")
+      for key, parse, reload, doc in (
+          ("exec-condition", v.Commands(), "service", "Commands run before each start: an exit status of 1 to 254 "
+           "skips the start quietly (the unit keeps listening), 255 or a signal fails it."),
+          ("exec-start-pre", v.Commands(), "service", "Commands run one after the other before each start; one "
+           "that fails (unless ignore-failure) fails the start."),
+          ("exec-start-post", v.Commands(), "service", "Commands run once the daemon is up (started; READY=1 for "
+           "type = notify); one that fails stops it."),
+          ("exec-reload", v.Commands(), "service", "Commands that make the running daemon reload (with $MAINPID), "
+           "run by a reload of `serve --reload-daemons` that leaves the unit unchanged."),
+          ("success-exit-status", v.ExitStatuses(), "unit", "Exit codes and signals of the main process that count "
+           "as success, besides 0, SIGHUP, SIGINT, SIGTERM and SIGPIPE."),
+          ("restart-prevent-exit-status", v.ExitStatuses(), "unit", "Exit codes and signals after which restart "
+           "never restarts the daemon."),
+          ("restart-force-exit-status", v.ExitStatuses(), "unit", "Exit codes and signals after which the daemon "
+           "is restarted whatever restart says."))),
+    _service("notify-access", "notify_access", v.Choice(NOTIFY_ACCESS), "Whose sd_notify messages count: the main "
+             "process only, also the exec-* commands (exec), every process of the unit (all), or none.",
+             "NotifyAccess", "service", no_flag=_UNIT_FILES,
+             default_doc="the main process and its descendants (systemd: main)"),
+    *(setting for kind, base, removed in DIRECTORIES for setting in (
+        _service(f"{kind}-directory", f"{kind}_directory", v.Directories(), f"Directories created under {base} "
+                 f"before each start, owned by user and group{removed}; the daemon gets their paths in "
+                 f"${kind.upper()}_DIRECTORY.", f"{kind.capitalize()}Directory", "service", no_flag=_UNIT_FILES,
+                 default_doc="none"),
+        _service(f"{kind}-directory-mode", f"{kind}_directory_mode", v.Mode(), f"Mode of the {kind}-directory "
+                 "directories.", f"{kind.capitalize()}DirectoryMode", "service", no_flag=_UNIT_FILES))),
+    _service("runtime-directory-preserve", "runtime_directory_preserve", v.Preserve(), "Keep the runtime "
+             "directories when the daemon stops (true), or only across restarts by restart (`restart`).",
+             "RuntimeDirectoryPreserve", "service", no_flag=_UNIT_FILES, default_doc="false"),
+    _service("oom-score-adjust", "oom_score_adjust", v.Int(-1000, 1000), "The daemon's /proc/PID/oom_score_adj "
+             "(written by activator right after the start).", "OOMScoreAdjust", "service", no_flag=_UNIT_FILES,
+             default_doc="activator's"),
+    _service("nice", "nice", v.Int(-20, 19), "The daemon's nice level (set by activator right after the start).",
+             "Nice", "service", no_flag=_UNIT_FILES, default_doc="activator's"),
+    *(Setting(f"limit-{name.lower()}", "service", "service", "limits", v.Limit(number, unit),
+              f"RLIMIT_{name} of the daemon: {what}.", ("Service", f"Limit{name}"), "service", no_flag=_UNIT_FILES,
+              default_doc="activator's", merge=True)
+      for name, number, unit, what in LIMITS),
+    # ---------------------------------------------------------------- conditions and dependencies (unit files)
+    *(Setting(f"{what}-{kind}", "unit", "unit", "conditions", v.Conditions(kind, what == "assert"),
+              f"{doc} Checked when the unit starts: else it is "
+              f"{'not started (an error is logged).' if what == 'assert' else 'skipped (logged, not failed).'}",
+              ("Unit", f"{what.capitalize()}{_camel(kind)}"), "unit", no_flag=_UNIT_FILES, default_doc="none",
+              merge=True)
+      for what in ("condition", "assert") for kind, doc in PATH_CONDITIONS),
+    *(Setting(key, "unit", "unit", key, v.UnitNames(), doc, ("Unit", key.capitalize()), "unit", no_flag=_UNIT_FILES,
+              default_doc="none")
+      for key, doc in (
+          ("requires", "Units started with this one's daemon; one it is also after that does not come up stops "
+           "it from starting."),
+          ("wants", "Units started with this one's daemon, whether they come up or not."),
+          ("after", "Of the units started with this one, those its daemon waits for (their daemon up)."),
+          ("before", "Of the units started with this one, those that wait for this one's daemon."))),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

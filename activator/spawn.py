@@ -61,6 +61,9 @@ class SpawnSpec:
     gid: int = -1
     groups: list[int] | None = None
     umask: int | None = None
+    # setrlimit() in the child before exec: (RLIMIT_*, soft, hard), -1 for infinity. Only the fork path
+    # applies them, so a spec with limits is always started that way.
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
 
     def fd_map(self) -> list[tuple[int, int]]:
         pairs = []
@@ -178,6 +181,12 @@ def _child(spec: SpawnSpec, report: int) -> None:
             os.close(top + i)
         if spec.umask is not None:
             os.umask(spec.umask)
+        if spec.rlimits:
+            import resource
+
+            step = "setrlimit"
+            for which, soft, hard in spec.rlimits:  # before setuid: raising a hard limit needs privileges
+                resource.setrlimit(which, (soft, hard))
         if spec.cwd:
             step = "chdir"
             os.chdir(spec.cwd)
@@ -231,6 +240,8 @@ def _spawn_fork(spec: SpawnSpec) -> int:
 
 def spawn(spec: SpawnSpec) -> int:
     """Start the child and return its pid; SpawnError with a one-line reason when it cannot start."""
+    if spec.rlimits:
+        return _spawn_fork(spec)
     if _fastspawn is not None:
         return _spawn_fast(spec)
     simple = spec.cwd is None and spec.uid == -1 and spec.gid == -1 and spec.groups is None and spec.umask is None
@@ -248,7 +259,7 @@ def start(spec: SpawnSpec) -> int:
     extension cannot start without waiting (no extension, or not x86_64/aarch64) this is
     :func:`spawn`, and every failure is raised here.
     """
-    if _fastspawn is None:
+    if _fastspawn is None or spec.rlimits:  # setrlimit is done only by the fork back end
         return spawn(spec)
     return _spawn_fast(spec, wait=False)
 

@@ -23,15 +23,18 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import time
 import traceback
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import processes
+from . import conditions, directories, processes
 from .access import AccessList
 from .addresses import format_peer
+from .directories import Directory
+from .jobs import Job, JobRunner
 from .log import Log
 from .loop import Loop, TimerHandle, cancel
 from .protocol import STRIP_ENV, listen_environment
@@ -40,7 +43,7 @@ from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
-from .units import Unit
+from .units import Command, Unit
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
 EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or until an instance exits)
@@ -108,6 +111,9 @@ class Host:
 
     def socket_inodes(self, pid: int) -> set[int]:
         return processes.socket_inodes(pid)
+
+    def adjust(self, pid: int, oom_score_adjust: int | None, nice: int | None) -> None:
+        processes.adjust(pid, oom_score_adjust, nice)
 
     def pgid(self, pid: int) -> int | None:
         return processes.pgid_of(pid)
@@ -184,21 +190,35 @@ class UnitState:
     retired: bool = False  # removed or replaced by a reload: never start again
     failed: str | None = None  # why the unit failed (a fault in its handling): no activation until restarted
     waiting_for: "UnitState | None" = None  # a retired generation still running on our name or sockets
-    forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog')
+    forced: str | None = None  # why we ended the daemon ourselves ('stop', 'timeout', 'watchdog', 'start-post')
     held: bool = False  # `ctl stop --disarm`: not listened on until started again
     manual_stop: bool = False  # `ctl stop`: no restart= after this exit
     stats: UnitStats = field(default_factory=UnitStats)
+    # Unit files: control commands, dependencies, conditions, directories (activator.jobs)
+    argv: list[str] = field(default_factory=list)  # the main command, its $VARs expanded
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
+    directories: list[Directory] = field(default_factory=list)
+    jobs: dict[int, Job] = field(default_factory=dict)  # pid -> the job whose command it runs
+    live_jobs: list[Job] = field(default_factory=list)  # every job not ended yet, running or waiting
+    start_job: Job | None = None  # Accept=no: the start (or its exec-start-post) under way
+    reload_job: Job | None = None
+    held_connections: int = 0  # accept mode: connections whose instance waits for its start job
+    waiters: list[tuple["UnitState", Job]] = field(default_factory=list)  # starts ordered after this unit
+    ordered_after: tuple[str, ...] = ()  # the units its starts wait for (its after, and their before)
+    up: bool = False  # the daemon is started, ready (type notify) and past exec-start-post
+    skipped: str | None = None  # a condition or assertion that did not hold: not started until a reload
 
     @property
     def name(self) -> str:
         return self.unit.name
 
     def pids(self) -> list[int]:
-        return ([self.main_pid] if self.main_pid else []) + list(self.instances) + list(self.leftovers)
+        return ([self.main_pid] if self.main_pid else []) + list(self.instances) + list(self.leftovers) + \
+            list(self.jobs)
 
     def has_processes(self) -> bool:
         """Cheap, unlike pids(): asked after every reaped child, with thousands of instances."""
-        return self.main_pid is not None or bool(self.instances) or bool(self.leftovers)
+        return self.main_pid is not None or bool(self.instances) or bool(self.leftovers) or bool(self.jobs)
 
     @property
     def armed(self) -> bool:
@@ -206,10 +226,14 @@ class UnitState:
 
     @property
     def state(self) -> str:
-        """listening, running, paused, stopping, waiting (for an older generation), failed, stopped
-        (by `ctl stop --disarm`) or idle."""
+        """listening, starting, running, paused, stopping, waiting (for an older generation), failed, skipped
+        (a condition did not hold), stopped (by `ctl stop --disarm`) or idle."""
         if self.failed:
             return "failed"
+        if self.skipped:
+            return "skipped"
+        if self.start_job is not None and self.main_pid is None:
+            return "starting"
         if self.has_processes():
             return "stopping" if self.forced == "stop" or self.retired else "running"
         if self.held:
@@ -265,9 +289,11 @@ class Engine:
         reloader: Callable[[], list[Unit]] | None = None,
         host: Host | None = None,
         loop: Loop | None = None,
+        reload_daemons: bool = False,
     ) -> None:
         self.log = log or Log()
         self.exit_with_service = exit_with_service
+        self.reload_daemons = reload_daemons  # a reload also runs exec-reload of the units it leaves unchanged
         self.forward_signals = tuple(forward_signals)
         self.reloader = reloader
         self.host = host or Host()
@@ -288,6 +314,7 @@ class Engine:
         self._pending = units
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
         self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
+        self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
 
     # ----------------------------------------------------------------- events
     def publish(self, event: str, us: UnitState | None = None, **data: Any) -> None:
@@ -311,7 +338,11 @@ class Engine:
         if svc.user:
             env.update(user_environment(svc.user))
         env.update(svc.environment)
+        us.directories = directories.planned(svc)
+        env.update(directories.environment(us.directories))
         us.base_env = env
+        us.argv = _expanded(svc.main_command, env)
+        us.rlimits = [(which, soft, hard) for which, (soft, hard) in svc.limits.items()]
         us.stats = self.stats_by_name.setdefault(unit.name, UnitStats())
         return us
 
@@ -333,6 +364,7 @@ class Engine:
             svc = unit.service
             try:
                 credentials(svc.user, svc.group, svc.supplementary_groups)
+                directories.planned(svc)
             except ValueError as exc:
                 errors.append(f"{unit.name}: {exc}")
         return errors
@@ -345,12 +377,14 @@ class Engine:
         errors = self.validate()
         if errors:
             raise BindError(errors)
-        all_specs = [spec for unit in self._pending for spec in unit.sockets]
+        # A unit whose conditions do not hold is skipped: none of its sockets is bound.
+        skipped = {unit.name: why for unit in self._pending if (why := _skip_reason(unit)) is not None}
+        all_specs = [spec for unit in self._pending if unit.name not in skipped for spec in unit.sockets]
         bound = open_all(all_specs)
         it = iter(bound)
         with self.log.hold():
             for unit in self._pending:
-                mine = [next(it) for _ in unit.sockets]
+                mine = [] if unit.name in skipped else [next(it) for _ in unit.sockets]
                 us = self._plan_state(unit, mine)
                 self._claim_sockets(us)
                 self.units[unit.name] = us
@@ -358,7 +392,27 @@ class Engine:
                     if b.spec.address is not None:
                         where = f"proxied to {unit.service.proxy_to}" if unit.proxy else f"as fd {fd}"
                         self.log.info("listen", f"listening on {b.spec.label} {where}", unit=unit.name)
+                if unit.name in skipped:
+                    self._skip(us, *skipped[unit.name])
         self._pending = []
+
+    def _link_order(self) -> None:
+        """Each unit's ordered_after: its own after, and the units whose before names it."""
+        before: dict[str, list[str]] = {}
+        for us in self.units.values():
+            for name in us.unit.before:
+                before.setdefault(name, []).append(us.name)
+        for us in self.units.values():
+            us.ordered_after = tuple(dict.fromkeys([*us.unit.after, *before.get(us.name, [])]))
+
+    def _skip(self, us: UnitState, why: str, assertion: bool) -> None:
+        """A condition (or an assertion) of the unit does not hold: it is not started, its sockets not bound."""
+        us.skipped = why
+        if assertion:
+            self.log.error("assert", f"not started: {why}", unit=us.name)
+        else:
+            self.log.info("condition", f"skipped: {why}", unit=us.name)
+        self.publish("skipped", us, reason=why)
 
     def _setup_signals(self) -> None:
         handled = {signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS, *self.forward_signals}
@@ -372,7 +426,8 @@ class Engine:
                 self.open()
             processes.set_child_subreaper()
             self._setup_signals()
-            for us in list(self.units.values()):
+            self._link_order()
+            for us in _in_start_order(list(self.units.values())):
                 self.loop.dispatch(partial(self._activate, us), us)
             self.log.debug("ready", f"{len(self.units)} unit(s) ready")
             self._notify_ready()
@@ -460,6 +515,8 @@ class Engine:
         cancel(us.restart_timer)
         cancel(us.pause_timer)
         us.restart_pending = False
+        self.jobs.abandon(us)
+        self.jobs.went_down(us)
         try:
             self.stop_unit(us, "stop")
         except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
@@ -508,7 +565,8 @@ class Engine:
 
     # ------------------------------------------------------------ arming
     def _arm(self, us: UnitState) -> None:
-        if self.stopping or us.retired or us.failed or us.held or us.waiting_for is not None:
+        if self.stopping or us.retired or us.failed or us.held or us.skipped or us.waiting_for is not None \
+                or us.start_job is not None:
             return
         if self.clock() < us.paused_until:
             return
@@ -574,39 +632,171 @@ class Engine:
     def _spawn(self, us: UnitState, fds: list[int], env: dict[str, str] | list[bytes], conn: int | None) -> int:
         svc = us.unit.service
         if us.executable is None:
-            us.executable = resolve(svc.argv[0], us.base_env.get("PATH", os.defpath))
+            us.executable = resolve(svc.exec_path or svc.argv[0], us.base_env.get("PATH", os.defpath))
         stdin = {"null": self._devnull, "inherit": None, "socket": conn}[svc.standard_input]
         out_mode = svc.standard_output or ("socket" if svc.standard_input == "socket" else "journal")
         if out_mode == "inherit":
             stdout = stdin
         else:
             stdout = {"null": self._devnull, "journal": None, "socket": conn}[out_mode]
-        uid, gid, groups = us.credentials
-        spec = SpawnSpec(
-            # A process group of its own (what a stop signals), but not a session of its own: with
-            # Linux's scheduler autogroups a new session slowed nbdkit's data path by about 10 %.
-            new_session=False, new_group=True,
-            executable=us.executable, argv=list(svc.argv), env=env, fds=fds, listen_pid=bool(fds),
-            watchdog_pid=isinstance(env, dict) and "WATCHDOG_USEC" in env,
-            stdin=stdin, stdout=stdout, cwd=svc.working_directory, uid=uid, gid=gid, groups=groups,
-            umask=svc.umask,
+        spec = self._spawn_spec(
+            us, svc.privileged, executable=us.executable, argv=list(us.argv), env=env, fds=fds,
+            listen_pid=bool(fds), watchdog_pid=isinstance(env, dict) and "WATCHDOG_USEC" in env,
+            stdin=stdin, stdout=stdout,
         )
         try:
             # An instance does not wait for its exec: the engine goes back to accepting while the kernel
             # loads the program (an exec failure is reported when the instance is reaped).
-            return self.host.start(spec) if conn is not None else self.host.spawn(spec)
+            pid = self.host.start(spec) if conn is not None else self.host.spawn(spec)
         except SpawnError:
             us.executable = None  # look it up again next time: it may be installed by then
             raise
+        self._adjust(us, pid)
+        return pid
+
+    def _spawn_spec(self, us: UnitState, privileged: bool, **kw: Any) -> SpawnSpec:
+        """How every process of the unit starts: the daemon, its instances and its control commands."""
+        svc = us.unit.service
+        uid, gid, groups = (-1, -1, None) if privileged else us.credentials
+        return SpawnSpec(
+            # A process group of its own (what a stop signals), but not a session of its own: with
+            # Linux's scheduler autogroups a new session slowed nbdkit's data path by about 10 %.
+            new_session=False, new_group=True, cwd=svc.working_directory, uid=uid, gid=gid, groups=groups,
+            umask=svc.umask, rlimits=us.rlimits, **kw,
+        )
+
+    def _adjust(self, us: UnitState, pid: int) -> None:
+        """oom-score-adjust and nice, written from here right after the start (the spawner knows neither): a
+        daemon may run for a moment, and start children, before they apply."""
+        svc = us.unit.service
+        if svc.oom_score_adjust is None and svc.nice is None:
+            return
+        try:
+            self.host.adjust(pid, svc.oom_score_adjust, svc.nice)
+        except OSError as exc:
+            self.log.warning("adjust", f"cannot set oom-score-adjust or nice of pid {pid}: {exc.strerror or exc}",
+                             unit=us.name, collapse_key="adjust", collapse_what="processes not adjusted")
+
+    def spawn_command(self, us: UnitState, command: Command, main_pid: int | None) -> int:
+        """Start one control command of the unit (exec-start-pre, ...): the daemon's environment, user and
+        limits, ``$MAINPID``, stdin /dev/null; SpawnError when it cannot start."""
+        svc = us.unit.service
+        env = dict(us.base_env)
+        if main_pid is not None:
+            env["MAINPID"] = str(main_pid)
+        if svc.notify_access in ("exec", "all"):
+            address = self.notify.socket_address(us)
+            if address:
+                env["NOTIFY_SOCKET"] = address
+        executable = resolve(command.executable, env.get("PATH", os.defpath))
+        stdout = self._devnull if svc.standard_output == "null" else None
+        pid = self.host.spawn(self._spawn_spec(us, command.privileged, executable=executable,
+                                               argv=_expanded(command, env), env=env, stdin=self._devnull,
+                                               stdout=stdout))
+        self._adjust(us, pid)
+        return pid
+
+    def abandoned(self, us: UnitState, job: Job) -> bool:
+        """Whether what ``job`` leads to is no longer wanted (the unit or activator stops)."""
+        if self.stopping or us.retired or us.failed is not None:
+            return True
+        return job.kind != "reload" and not us.unit.accept and us.forced == "stop"
 
     def _start(self, us: UnitState) -> bool:
-        if self.stopping or us.retired or us.failed or us.main_pid is not None or us.leftovers:
+        """Start the daemon (Accept=no): at once, or through a start job (exec-condition, exec-start-pre, the
+        units it requires or waits for). False when it cannot start now."""
+        if self.stopping or us.retired or us.failed or us.skipped or us.main_pid is not None or us.leftovers \
+                or us.start_job is not None:
             return False
         if not us.start_limit.allow(self.clock()):
             self._limit_hit(us, "start-limit", "start limit hit", us.start_limit)
             return False
         us.restart_pending = False
         us.manual_stop = False
+        error = self._make_directories(us)
+        if error is not None:
+            self._start_failed(us, error)
+            return False
+        commands = self._start_commands(us)
+        if not commands and not us.unit.requires and not us.unit.wants and not self._starting_before(us):
+            return self._launch(us)
+        us.forced = None
+        self._disarm(us)
+        job = us.start_job = Job("start", commands, partial(self._start_done, us))
+        error = self._start_dependencies(us)
+        if error is not None:
+            us.start_job = None
+            self._start_failed(us, error)
+            return False
+        self.jobs.run(us, job, self._starting_before(us))
+        return True
+
+    @staticmethod
+    def _start_commands(us: UnitState) -> list[tuple[str, Command]]:
+        svc = us.unit.service
+        return [("exec-condition", c) for c in svc.exec_condition] + \
+            [("exec-start-pre", c) for c in svc.exec_start_pre]
+
+    def _make_directories(self, us: UnitState) -> str | None:
+        """runtime-directory and the others, made (again) before a start; why they cannot be, or None."""
+        uid, gid, _ = us.credentials
+        for d in us.directories:
+            try:
+                directories.create(d, uid, gid)
+            except OSError as exc:
+                return f"{d.kind}-directory: {exc.filename or d.path}: {exc.strerror or exc}"
+        return None
+
+    def _start_dependencies(self, us: UnitState) -> str | None:
+        """Start the units this one requires or wants (those that are not running); why it cannot start, or
+        None. As in systemd, only a required unit it is also ordered after can stop it from starting, and a
+        unit skipped by its conditions does not."""
+        for name in dict.fromkeys([*us.unit.requires, *us.unit.wants]):
+            dep = self.units.get(name)
+            if dep is None or dep is us or dep.unit.accept or dep.skipped:
+                continue  # an accept unit is up as long as it listens
+            if dep.main_pid is None and dep.start_job is None and not self._start(dep) \
+                    and name in us.unit.requires and name in us.ordered_after:
+                return f"required unit {name} cannot start ({dep.state})"
+        return None
+
+    def _starting_before(self, us: UnitState) -> tuple[UnitState, ...]:
+        """The units this one is ordered after (after, or their before) that are starting and not up yet."""
+        found = []
+        for name in us.ordered_after:
+            dep = self.units.get(name)
+            if dep is not None and dep is not us and not dep.up and (dep.start_job is not None or dep.main_pid):
+                found.append(dep)
+        return tuple(found)
+
+    def _start_done(self, us: UnitState, job: Job, error: str | None, skipped: str | None) -> None:
+        if job.conn is not None:
+            self._instance_start_done(us, job, error, skipped)
+            return
+        us.start_job = None
+        if job.abandoned:
+            self.jobs.went_down(us)
+        elif skipped is not None:
+            self.log.info("start-skipped", f"start skipped: {skipped}", unit=us.name)
+            self.publish("start-skipped", us, reason=skipped)
+            self.jobs.went_down(us)
+            self._arm(us)
+        elif error is not None:
+            self._start_failed(us, error)
+        else:
+            self._launch(us)
+
+    def _start_failed(self, us: UnitState, reason: str, code: int = 1) -> None:
+        us.stats.start_failures += 1
+        self.log.error("start-failed", f"cannot start: {reason}", unit=us.name)
+        self.jobs.went_down(us)
+        if self.exit_with_service:
+            self.stop(code)
+            return
+        self._arm(us)
+
+    def _launch(self, us: UnitState) -> bool:
+        """Spawn the daemon with its sockets (Accept=no)."""
         proxy = us.unit.proxy
         names = None if proxy else us.unit.fd_names()
         fds = [] if proxy else [s.bound.fileno() for s in us.sockets]
@@ -619,12 +809,8 @@ class Engine:
         try:
             pid = self._spawn(us, fds, env, None)
         except SpawnError as exc:
-            us.stats.start_failures += 1
-            self.log.error("start-failed", f"cannot start: {exc}", unit=us.name)
-            if self.exit_with_service:
-                self.stop(127)  # the daemon could not even start: exit as a shell would (command not run)
-                return False
-            self._arm(us)
+            # The daemon could not even start: with --exit-with-service, exit as a shell would (command not run).
+            self._start_failed(us, str(exc), 127)
             return False
         us.main_pid = us.main_pgid = pid
         us.forced = None
@@ -637,7 +823,55 @@ class Engine:
         self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid)
         self.publish("started", us, pid=pid)
         self.proxy.started(us)
+        if us.unit.service.type != "notify":
+            self._start_post(us)
         return True
+
+    def _start_post(self, us: UnitState) -> None:
+        """The daemon is started (and ready, for type = notify): exec-start-post, then it is up."""
+        svc = us.unit.service
+        if not svc.exec_start_post:
+            self._became_up(us)
+            return
+        job = us.start_job = Job("post", [("exec-start-post", c) for c in svc.exec_start_post],
+                                 partial(self._post_done, us), main_pid=us.main_pid)
+        self.jobs.run(us, job)
+
+    def _post_done(self, us: UnitState, job: Job, error: str | None, skipped: str | None) -> None:
+        us.start_job = None
+        if us.main_pid is None or job.abandoned:
+            return  # it exited meanwhile: _main_exited told the units that wait for it
+        if error is not None:
+            self.log.error("start-failed", f"stopping the daemon: {error}", unit=us.name, pid=us.main_pid)
+            self.jobs.went_down(us)
+            self.stop_unit(us, "start-post")
+            return
+        self._became_up(us)
+
+    def _became_up(self, us: UnitState) -> None:
+        us.up = True
+        self.jobs.became_up(us)
+
+    def reload_unit(self, us: UnitState) -> bool:
+        """Run exec-reload for the unit's running daemon (with $MAINPID); False when there is nothing to run."""
+        svc = us.unit.service
+        if us.unit.accept or us.main_pid is None or not svc.exec_reload or us.reload_job is not None:
+            return False
+        job = us.reload_job = Job("reload", [("exec-reload", c) for c in svc.exec_reload],
+                                  partial(self._reload_done, us), main_pid=us.main_pid)
+        self.log.info("reload-unit", "reloading the daemon (exec-reload)", unit=us.name, pid=us.main_pid)
+        self.jobs.run(us, job)
+        return True
+
+    def _reload_done(self, us: UnitState, job: Job, error: str | None, skipped: str | None) -> None:
+        us.reload_job = None
+        if job.abandoned:
+            return
+        if error is not None:
+            self.log.warning("reload-unit", f"exec-reload failed: {error}", unit=us.name)
+        else:
+            self.log.info("reload-unit", "daemon reloaded", unit=us.name)
+        self.publish("unit-reloaded", us, error=error)
 
     # ----------------------------------------------------- Accept=yes path
     def _on_accept(self, us: UnitState, ss: SocketState) -> None:
@@ -683,12 +917,12 @@ class Engine:
                              collapse_key=addr, collapse_what="connections denied")
             return False
         per_source = unit.max_connections_per_source
-        if not unit.proxy and (len(us.instances) >= unit.max_connections or (
+        if not unit.proxy and (len(us.instances) + us.held_connections >= unit.max_connections or (
             per_source and addr is not None and us.per_source.get(addr, 0) >= per_source
         )):
             # Instances that have exited but whose SIGCHLD is not handled yet (a busy accept batch) do not count.
             self._reap()
-        open_now = self._open_connections(us)
+        open_now = self._open_connections(us) + us.held_connections
         if open_now >= unit.max_connections:
             us.stats.refused += 1
             self.log.warning(
@@ -708,7 +942,17 @@ class Engine:
             us.stats.accepted += 1
             self.proxy.connection(us, fd, ss.family, addr)
             return True
-        inetd = unit.service.standard_input == "socket"
+        name = ss.bound.spec.name or "connection"
+        if self._instance_needs_job(us):
+            self._hold(us, name, fd, addr, port)
+        else:
+            self._spawn_instance(us, name, fd, addr, port)
+        return False
+
+    def _spawn_instance(self, us: UnitState, name: str, fd: int, addr: str | None, port: str | None,
+                        counted: bool = False) -> None:
+        """One instance for the connection ``fd`` (``counted``: its source is counted already, by _hold)."""
+        inetd = us.unit.service.standard_input == "socket"
         # This runs for every connection: the environment is extended in its encoded form.
         if us.base_envp is None:
             us.base_envp = encode_environment({k: v for k, v in us.base_env.items() if k not in PER_CONNECTION_ENV})
@@ -716,7 +960,7 @@ class Engine:
         if inetd:
             fds: list[int] = []
         else:
-            env += [b"LISTEN_FDS=1", b"LISTEN_FDNAMES=" + (ss.bound.spec.name or "connection").encode()]
+            env += [b"LISTEN_FDS=1", b"LISTEN_FDNAMES=" + name.encode()]
             fds = [fd]
         if addr is not None:
             env += [f"REMOTE_ADDR={addr}".encode(), f"REMOTE_PORT={port}".encode()]
@@ -725,15 +969,78 @@ class Engine:
         except SpawnError as exc:
             us.stats.start_failures += 1
             self.log.error("start-failed", f"cannot start instance: {exc}", unit=us.name)
-            return False
+            if counted:
+                self._uncount_source(us, addr)
+            return
         us.stats.accepted += 1
         us.instances[pid] = addr
-        if addr is not None:
+        if addr is not None and not counted:
             us.per_source[addr] = us.per_source.get(addr, 0) + 1
         self.pids[pid] = us
         if self.log.enabled("debug"):
+            who = f"{addr}:{port}" if addr else "a local peer"
             self.log.debug("start", f"connection from {who}: started pid {pid}", unit=us.name, pid=pid)
-        return False
+        if us.unit.service.exec_start_post:
+            self.jobs.run(us, Job("post", [("exec-start-post", c) for c in us.unit.service.exec_start_post],
+                                  partial(self._instance_post_done, us), main_pid=pid))
+
+    def _instance_needs_job(self, us: UnitState) -> bool:
+        unit = us.unit
+        return bool(us.directories or unit.service.exec_condition or unit.service.exec_start_pre or unit.requires
+                    or unit.wants or self._starting_before(us))
+
+    def _hold(self, us: UnitState, name: str, fd: int, addr: str | None, port: str | None) -> None:
+        """Accept mode with a start job: the connection waits (a copy of it, counted against the limits)
+        while the job runs; its instance starts when the job is done."""
+        error = self._make_directories(us) or self._start_dependencies(us)
+        if error is not None:
+            us.stats.start_failures += 1
+            self.log.error("start-failed", f"cannot start instance: {error}", unit=us.name)
+            return
+        try:
+            conn = os.dup(fd)
+        except OSError as exc:  # out of descriptors: this connection is dropped, as accept() would have
+            self.log.warning("accept-failed", f"cannot keep the connection for its start: {exc.strerror}",
+                             unit=us.name, collapse_key="dup", collapse_what="connections dropped")
+            return
+        job = Job("start", self._start_commands(us), partial(self._start_done, us), conn=conn, socket_name=name,
+                  peer=(addr, port))
+        us.held_connections += 1
+        if addr is not None:
+            us.per_source[addr] = us.per_source.get(addr, 0) + 1
+        self.jobs.run(us, job, self._starting_before(us))
+
+    def _instance_start_done(self, us: UnitState, job: Job, error: str | None, skipped: str | None) -> None:
+        conn = job.conn
+        assert conn is not None
+        us.held_connections -= 1
+        addr, port = job.peer
+        try:
+            if error is None and skipped is None and not job.abandoned:
+                self._spawn_instance(us, job.socket_name, conn, addr, port, counted=True)
+                return
+            self._uncount_source(us, addr)
+            if skipped is not None:
+                self.log.debug("start-skipped", f"instance skipped: {skipped}", unit=us.name)
+            elif not job.abandoned:
+                us.stats.start_failures += 1
+                self.log.error("start-failed", f"cannot start instance: {error}", unit=us.name)
+        finally:
+            os.close(conn)
+
+    def _instance_post_done(self, us: UnitState, job: Job, error: str | None, skipped: str | None) -> None:
+        if error is not None and not job.abandoned and job.main_pid in us.instances:
+            self.log.error("start-failed", f"stopping the instance: {error}", unit=us.name, pid=job.main_pid)
+            self.host.kill(job.main_pid, us.unit.service.kill_signal)
+
+    def _uncount_source(self, us: UnitState, addr: str | None) -> None:
+        if addr is None:
+            return
+        left = us.per_source.get(addr, 1) - 1
+        if left > 0:
+            us.per_source[addr] = left
+        else:
+            us.per_source.pop(addr, None)
 
     # --------------------------------------------------------------- reaping
     def _reap(self) -> None:
@@ -768,6 +1075,8 @@ class Engine:
             self._main_exited(us, pid, status)
         elif pid in us.leftovers:
             us.leftovers.discard(pid)
+        elif pid in us.jobs:
+            self.jobs.exited(us, pid, status)
         else:
             self._instance_exited(us, pid, status)
         if not us.has_processes():
@@ -781,13 +1090,7 @@ class Engine:
             us.stats.start_failures += 1
             us.executable = None  # look it up again next time: it may be installed by then
             self.log.error("start-failed", f"cannot start instance: {failed}", unit=us.name, pid=pid)
-        addr = us.instances.pop(pid, None)
-        if addr is not None:
-            left = us.per_source.get(addr, 1) - 1
-            if left > 0:
-                us.per_source[addr] = left
-            else:
-                us.per_source.pop(addr, None)
+        self._uncount_source(us, us.instances.pop(pid, None))
         if self.log.enabled("debug"):
             how, _ = processes.describe_status(status)
             self.log.debug("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
@@ -795,6 +1098,9 @@ class Engine:
     def _main_exited(self, us: UnitState, pid: int, status: int) -> None:
         how, code = processes.describe_status(status)
         us.main_pid = None
+        was_up, us.up = us.up, False
+        if not was_up:
+            self.jobs.went_down(us)  # the units that waited for it to come up
         us.stats.last_exit, us.stats.last_exit_code, us.stats.last_exit_time = how, code, time.time()
         us.stats.started_time = None
         self.notify.exited(us)
@@ -807,8 +1113,12 @@ class Engine:
         if self.exit_with_service:
             self.stop(code)
             return
-        forced = us.forced if us.forced in ("timeout", "watchdog") else None
-        if not us.manual_stop and processes.should_restart(us.unit.service.restart, status, forced):
+        svc = us.unit.service
+        forced = us.forced if us.forced in ("timeout", "watchdog", "start-post") else None
+        decided = 0 if svc.ignore_failure else status  # "-" on exec-start: any exit counts as success
+        if not us.manual_stop and processes.should_restart(svc.restart, decided, forced, svc.success_exit_status,
+                                                           svc.restart_prevent_exit_status,
+                                                           svc.restart_force_exit_status):
             delay = us.unit.service.restart_sec
             self.log.info("restart", f"restarting in {delay:g}s (restart={us.unit.service.restart})", unit=us.name)
             cancel(us.restart_timer)
@@ -865,6 +1175,8 @@ class Engine:
         """The unit has no process left."""
         cancel(us.kill_timer)
         us.kill_timer = None
+        if us.directories and not us.live_jobs:
+            self._remove_runtime_directories(us)
         if us.retired and us in self.draining:
             self.draining.remove(us)
             self._close_unit(us, keep=self._sockets_in_use())
@@ -884,6 +1196,23 @@ class Engine:
             self._unpause(us)
         elif not us.unit.accept and not us.restart_pending:
             self._arm(us)
+
+    def _remove_runtime_directories(self, us: UnitState) -> None:
+        """The daemon stopped: its runtime directories go, unless runtime-directory-preserve keeps them (for
+        good, or for a restart that is coming)."""
+        preserve = us.unit.service.runtime_directory_preserve
+        if preserve == "yes" or (preserve == "restart" and us.restart_pending):
+            return
+        for d in us.directories:
+            if d.kind != "runtime":
+                continue
+            try:
+                hidden = directories.retire(d.path)
+                if hidden is not None:  # removed by a child of its own, which no unit tracks: we reap it
+                    self.host.spawn(SpawnSpec(executable=sys.executable, argv=directories.remover_argv(hidden),
+                                              env={}, stdin=self._devnull, new_session=False, new_group=True))
+            except (OSError, SpawnError) as exc:
+                self.log.warning("runtime-directory", f"cannot remove {d.path}: {exc}", unit=us.name)
 
     # ---------------------------------------------------------------- stopping
     def _tree(self) -> processes.Tree:
@@ -944,7 +1273,7 @@ class Engine:
     def start_unit(self, us: UnitState) -> bool:
         """Start the daemon now (Accept=no), as a connection would; a failed unit is revived. False when
         it cannot start now (running, stopping, rate-limited, accept mode: the log says why)."""
-        if us.unit.accept or self.stopping or us.retired:
+        if us.unit.accept or self.stopping or us.retired or us.skipped:
             return False
         if us.failed:
             us.failed = None
@@ -1008,6 +1337,8 @@ class Engine:
         """READY=1 from the unit's daemon."""
         self.publish("ready", us, pid=us.main_pid)
         self.proxy.ready(us)
+        if us.unit.service.type == "notify" and not us.up and us.start_job is None:
+            self._start_post(us)
 
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
@@ -1019,6 +1350,7 @@ class Engine:
             self._disarm(us)
             cancel(us.restart_timer)
             cancel(us.pause_timer)
+            self.jobs.abandon(us)
         tree = self._tree()  # read once for every unit: there may be thousands of processes
         for us in self.units.values():
             self.loop.dispatch(partial(self.stop_unit, us, tree=tree))
@@ -1102,7 +1434,8 @@ class Engine:
             return ReloadResult(False, errors=["activator is stopping"])
         old = self.units
         new_by_name = {u.name: u for u in new_units}
-        keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed}
+        keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed
+                      and not old[u.name].skipped}  # a skipped unit's conditions are checked again
         # Sockets of units that change or go are a pool the new units take theirs from.
         retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
         held = {id(ss.bound) for us in old.values() for ss in us.sockets}
@@ -1114,12 +1447,16 @@ class Engine:
         plans: list[tuple[Unit, UnitState, list[BoundSocket]]] = []
         fresh: list[BoundSocket] = []
         errors: list[str] = []
+        skipped: dict[str, tuple[str, bool]] = {}
         for unit in new_units:
             if unit.name in keep_as_is:
                 continue
             bound: list[BoundSocket] = []
             ok = True
-            for spec in unit.sockets:
+            why = _skip_reason(unit)
+            if why is not None:
+                skipped[unit.name] = why
+            for spec in unit.sockets if why is None else ():
                 candidates = pool.get(_socket_key(spec), [])
                 kept = next((c for c in candidates if needs_new_socket(c, spec) is None), None)
                 if kept is not None:
@@ -1177,14 +1514,20 @@ class Engine:
                 if id(b) in fresh_ids:
                     self.log.info("listen", f"listening on {b.spec.label}", unit=unit.name)
             units[unit.name] = state
+            if unit.name in skipped:
+                self._skip(state, *skipped[unit.name])
         self.units = {u.name: units[u.name] for u in new_units}
+        self._link_order()
         for _, state, _ in plans:
             state.waiting_for = self._blocker(state)
+        for state in _in_start_order([state for _, state, _ in plans]):
             if state.waiting_for is None:
                 self.loop.dispatch(partial(self._activate, state), state)
         self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
                                 f"{len(result.added)} added, {len(result.removed)} removed")
         self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
+        for name in result.unchanged if self.reload_daemons else ():  # as systemctl reload does
+            self.loop.dispatch(partial(self.reload_unit, self.units[name]), self.units[name])
         return result
 
     def _blocker(self, state: UnitState) -> UnitState | None:
@@ -1214,6 +1557,8 @@ class Engine:
         cancel(us.restart_timer)
         cancel(us.pause_timer)
         us.restart_pending = False
+        self.jobs.abandon(us)
+        self.jobs.went_down(us)  # the starts waiting for it must not wait for a unit that is gone
         self.stop_unit(us)
         if us.has_processes():
             # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
@@ -1224,6 +1569,39 @@ class Engine:
 
     def _sockets_in_use(self) -> set[int]:
         return {id(ss.bound) for us in [*self.units.values(), *self.draining] for ss in us.sockets}
+
+
+def _in_start_order(states: list[UnitState]) -> list[UnitState]:
+    """``states`` with each unit after those it is ordered after, otherwise in the order given (a cycle
+    is refused when the units are loaded; what is left of one would come last, as given)."""
+    names = {us.name for us in states}
+    order: list[UnitState] = []
+    placed: set[str] = set()
+    while len(order) < len(states):
+        ready = [us for us in states if us.name not in placed and
+                 all(dep in placed or dep not in names for dep in us.ordered_after)]
+        for us in ready or [us for us in states if us.name not in placed]:
+            order.append(us)
+            placed.add(us.name)
+    return order
+
+
+def _skip_reason(unit: Unit) -> tuple[str, bool] | None:
+    """(what does not hold, whether it is an assertion) when the unit must not start now, else None."""
+    found = conditions.check(unit.conditions)
+    if found is None:
+        return None
+    condition, assertion = found
+    return f"{condition} does not hold", assertion
+
+
+def _expanded(command: Command, env: dict[str, str]) -> list[str]:
+    """The command's argv with its $VARs replaced from ``env``, as systemd does when a command starts."""
+    if not command.expand_environment:
+        return list(command.argv)
+    from .unitfile import expand_argv  # only for commands that ask for it: the module is large
+
+    return expand_argv(command.argv, env) or [command.executable]
 
 
 def _socket_key(spec) -> tuple:

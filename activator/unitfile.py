@@ -15,8 +15,9 @@ are the same for both formats. What this module does is systemd's syntax
   prefixes ``-@:+!`` (:class:`Command`); ``$VAR`` and ``${VAR}`` are kept and
   expanded when the command starts (:func:`expand_argv`), as systemd does;
 * every directive classified (:data:`RULES`): supported (a TOML key),
-  needing engine support (a new TOML key), ignored quietly (meaningless
-  without systemd) or unsupported (reported: what happens instead).
+  a dependency (kept among the units loaded together), ignored quietly
+  (meaningless without systemd) or unsupported (reported: what happens
+  instead).
 
 Entry points: :func:`load_unit_files` (paths to a document plus warnings),
 :func:`to_toml` (the document as TOML, for ``activator convert``),
@@ -46,7 +47,7 @@ SECTIONS = {"socket": ("Unit", "Socket", "Install"), "service": ("Unit", "Servic
 # Unit types that mean nothing without systemd: references to them are dropped quietly.
 SYSTEMD_ONLY_TYPES = ("target", "slice", "mount", "automount", "swap", "device", "path", "timer", "scope")
 
-SUPPORTED, NEW, IGNORED, UNSUPPORTED, DEPENDENCY = "supported", "new", "ignored", "unsupported", "dependency"
+SUPPORTED, IGNORED, UNSUPPORTED, DEPENDENCY = "supported", "ignored", "unsupported", "dependency"
 # Diagnostic kinds; --strict turns all but NOTE into errors.
 UNKNOWN, SYNTAX, NOTE = "unknown", "syntax", "note"
 
@@ -764,10 +765,10 @@ class Rule:
 
     shape: scalars (the last assignment counts) ``text`` (specifiers expanded), ``raw``,
     ``bool``, ``int``; lists (every assignment, an empty one resets) ``lines``,
-    ``words``, ``exec``, ``env``, ``deps``; special ``type``, ``stdout``, ``stderr``.
+    ``words``, ``exec``, ``env``, ``deps``; special ``type``, ``stdout``.
     ``note``: what happens instead (unsupported) or why it means nothing (ignored).
     ``default``: an unsupported directive set to this value (systemd's default, which
-    is what activator does) is not reported.
+    is what activator does; ``|`` separates several) is not reported.
     """
 
     kind: str
@@ -783,6 +784,7 @@ NO_CGROUP = "activator puts no daemon in a cgroup of its own: nothing is limited
 NO_ACTION = "no such action is taken"
 NO_CHECK = "not checked: the unit runs as if the condition held"
 JOURNAL = "output goes to activator's stdout and stderr (its log), not to a journal"
+_STDOUT_ALIASES = ("journal", "syslog", "kmsg", "journal+console", "syslog+console", "kmsg+console")
 SOCKET_EXEC = "applies to the socket unit's own commands, which activator does not run"
 
 
@@ -826,7 +828,7 @@ UNIT_RULES: dict[str, Rule] = {
                          "SuccessActionExitStatus RebootArgument", note=NO_ACTION, default="none"),
     **{name: Rule(DEPENDENCY, keys, "deps", note="not enforced: only Requires=, Wants=, After= and Before= "
                                                  "among the loaded units are") for name, keys in _DEPENDENCIES.items()},
-    **{f"{what}{name}": Rule(NEW, (f"{what.lower()}-{_kebab(name)}",), "lines")
+    **{f"{what}{name}": Rule(SUPPORTED, (f"{what.lower()}-{_kebab(name)}",), "lines")
        for what in ("Condition", "Assert") for name in _PATH_CONDITIONS},
     **{f"{what}{name}": Rule(UNSUPPORTED, note=NO_CHECK) for what in ("Condition", "Assert")
        for name in _OTHER_CONDITIONS},
@@ -872,7 +874,9 @@ MountAPIVFS""".split()
 SERVICE_RULES: dict[str, Rule] = {
     # what the daemon is and how it runs
     "ExecStart": Rule(SUPPORTED, ("exec-start",), "exec"),
-    **_keyed(NEW, "ExecStartPre ExecStartPost ExecCondition ExecReload ExecStop ExecStopPost", "exec"),
+    **_keyed(SUPPORTED, "ExecStartPre ExecStartPost ExecCondition ExecReload", "exec"),
+    "ExecStop": Rule(UNSUPPORTED, note="not run: a stop sends KillSignal= to the daemon"),
+    "ExecStopPost": Rule(UNSUPPORTED, note="not run after the daemon stops"),
     "Environment": Rule(SUPPORTED, ("environment",), "env"),
     "EnvironmentFile": Rule(SUPPORTED, ("environment-file",), "lines"),
     "PassEnvironment": Rule(IGNORED, note="activator passes its whole environment to the daemon"),
@@ -888,21 +892,23 @@ SERVICE_RULES: dict[str, Rule] = {
     "TimeoutSec": Rule(SUPPORTED, ("timeout-start-sec", "timeout-stop-sec"), "raw"),
     "StandardInput": Rule(SUPPORTED, ("standard-input",), "raw"),
     "StandardOutput": Rule(SUPPORTED, ("standard-output",), "stdout"),
-    "StandardError": Rule(NEW, ("standard-error",), "stderr",
-                          note="journal, syslog and kmsg need nothing: a daemon's stderr is activator's"),
+    # A daemon's stderr is always activator's, which is what inherit, journal and the like come to.
+    "StandardError": Rule(UNSUPPORTED, note="errors go to activator's stderr",
+                          default="|".join(("inherit", *_STDOUT_ALIASES))),
     "FileDescriptorStoreMax": Rule(SUPPORTED, ("file-descriptor-store-max",), "int"),
     "StartLimitInterval": Rule(SUPPORTED, ("start-limit-interval-sec",), "raw"),
     "StartLimitBurst": Rule(SUPPORTED, ("start-limit-burst",), "int"),
     "Sockets": Rule(SUPPORTED, ("@sockets",), "words"),
-    # needing engine support: new TOML keys
-    "NotifyAccess": Rule(NEW, ("notify-access",), "raw"),
-    **_keyed(NEW, "RestartPreventExitStatus RestartForceExitStatus SuccessExitStatus", "words"),
-    **_keyed(NEW, "RuntimeDirectory StateDirectory CacheDirectory LogsDirectory ConfigurationDirectory", "words"),
-    **_keyed(NEW, "RuntimeDirectoryMode StateDirectoryMode CacheDirectoryMode LogsDirectoryMode "
-                  "ConfigurationDirectoryMode RuntimeDirectoryPreserve", "raw"),
-    "OOMScoreAdjust": Rule(NEW, ("oom-score-adjust",), "int"),
-    "Nice": Rule(NEW, ("nice",), "int"),
-    **{f"Limit{name}": Rule(NEW, (f"limit-{name.lower()}",), "int") for name in _LIMITS},
+    # the lifecycle around the daemon: commands, exit statuses, directories, process settings
+    "NotifyAccess": Rule(SUPPORTED, ("notify-access",), "raw"),
+    **_keyed(SUPPORTED, "RestartPreventExitStatus RestartForceExitStatus SuccessExitStatus", "words"),
+    **_keyed(SUPPORTED, "RuntimeDirectory StateDirectory CacheDirectory LogsDirectory ConfigurationDirectory", "words"),
+    **_keyed(SUPPORTED, "RuntimeDirectoryMode StateDirectoryMode CacheDirectoryMode LogsDirectoryMode "
+                        "ConfigurationDirectoryMode", "raw"),
+    "RuntimeDirectoryPreserve": Rule(SUPPORTED, ("runtime-directory-preserve",), "bool"),
+    "OOMScoreAdjust": Rule(SUPPORTED, ("oom-score-adjust",), "int"),
+    "Nice": Rule(SUPPORTED, ("nice",), "int"),
+    **{f"Limit{name}": Rule(SUPPORTED, (f"limit-{name.lower()}",), "int") for name in _LIMITS},
     # what activator cannot do
     **_same(UNSUPPORTED, " ".join(_RESOURCE_CONTROL), note=NO_CGROUP, default="no"),
     "Delegate": Rule(UNSUPPORTED, note="the daemon gets no cgroup subtree of its own to manage", default="no"),
@@ -1029,7 +1035,6 @@ _TYPE_NOTES = {
     "notify-reload": ("notify", "not supported with 'notify-reload': reloads send no signal; run as Type=notify"),
     "idle": ("simple", None),  # idle only delays the start until systemd's jobs are done
 }
-_STDOUT_ALIASES = ("journal", "syslog", "kmsg", "journal+console", "syslog+console", "kmsg+console")
 
 
 @dataclass
@@ -1074,8 +1079,6 @@ def _translate_scalar(shape: str, a: Assignment, t: _Translation) -> Any:
         return value
     if shape == "stdout":
         return _stdout(a, t)
-    if shape == "stderr":
-        return _stderr(a, t)
     return a.value  # raw
 
 
@@ -1086,16 +1089,6 @@ def _stdout(a: Assignment, t: _Translation) -> str:
         return a.value
     t.warn(a, f"not supported with {a.value!r}: output goes to activator's stdout")
     return "journal"
-
-
-def _stderr(a: Assignment, t: _Translation) -> str | None:
-    # activator always sends a daemon's stderr to its own: only other choices need the engine.
-    if a.value in _STDOUT_ALIASES:
-        return None
-    if a.value in ("inherit", "null", "socket"):
-        return a.value
-    t.warn(a, f"not supported with {a.value!r}: errors go to activator's stderr")
-    return None
 
 
 def _translate_list(shape: str, items: list[Assignment], t: _Translation, key: str) -> Any:
@@ -1255,7 +1248,7 @@ def _is_default(rule: Rule, value: str) -> bool:
     flag, default = systemd_bool(value), systemd_bool(rule.default)
     if flag is not None and default is not None:
         return flag == default
-    return value.strip().lower() == rule.default.lower()
+    return value.strip().lower() in rule.default.lower().split("|")
 
 
 # ====================================================================== finding files
@@ -1602,6 +1595,8 @@ def _group_document(group: _Group, resolve: Callable[[str], str | None],
     origins: dict[str, str] = {}
     service, found = _table(group.service, _Translation(group.service.ctx, resolve, own, warnings), errors)
     description = _take(service, found, "description")
+    unit_level: dict[str, Any] = {}
+    _take_unit_level(service, found, unit_level, origins)
     origins["service"] = group.service.fragment
     origins.update({f"service.{key}": origin for key, origin in found.items()})
     sockets: list[tuple[dict[str, Any], dict[str, str], str]] = []
@@ -1610,6 +1605,7 @@ def _group_document(group: _Group, resolve: Callable[[str], str | None],
         options, found = _table(sock, t, errors)
         own_description = _take(options, found, "description")
         description = description or own_description
+        _take_unit_level(options, found, unit_level, origins)
         for key in ("start-limit-interval-sec", "start-limit-burst"):
             _take(options, found, key)  # a socket's own start limit means nothing: sockets are not restarted
         if not sock.accept:
@@ -1626,9 +1622,22 @@ def _group_document(group: _Group, resolve: Callable[[str], str | None],
     doc: dict[str, Any] = {}
     if description:
         doc["description"], origins["description"] = description
+    doc.update(unit_level)
     doc["socket"] = sockets[0][0] if len(sockets) == 1 else [table for table, _, _ in sockets]
     doc["service"] = service
     return doc, origins
+
+
+_UNIT_LEVEL = ("condition-", "assert-", "requires", "wants", "after", "before")
+
+
+def _take_unit_level(table: dict[str, Any], found: dict[str, str], unit_level: dict[str, Any],
+                     origins: dict[str, str]) -> None:
+    """Conditions and dependencies are the activator unit's, whichever unit file wrote them: the socket's and
+    the service's are checked together when the unit starts (a path both name counts once)."""
+    for key in [k for k in table if k.startswith(_UNIT_LEVEL)]:
+        value, origins[key] = _take(table, found, key) or ([], "")
+        unit_level[key] = _unique([*unit_level.get(key, []), *value])
 
 
 def _listen_tables(sock: _UnitFile, options: dict[str, Any], t: _Translation,

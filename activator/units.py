@@ -8,6 +8,7 @@ the defaults of the settings that fill them (activator.settings reads them here)
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -116,6 +117,54 @@ class UnresolvedInherited(ListenSpec):
         return ("unresolved", self.selector)
 
 
+@dataclass(frozen=True)
+class Command:
+    """One command of exec-start and its companions (exec-start-pre, exec-reload, ...).
+
+    ``argv`` may hold ``$VAR`` and ``${VAR}``: with ``expand_environment`` they are replaced when the
+    command starts, from the environment it gets (activator.unitfile.expand_argv, systemd's rules).
+    """
+
+    argv: tuple[str, ...]
+    path: str | None = None  # the executable when argv[0] is only the name it is given (systemd's @)
+    ignore_failure: bool = False  # a failing exit counts as success (systemd's -)
+    expand_environment: bool = False
+    privileged: bool = False  # activator's own credentials instead of user/group (systemd's + and !)
+
+    @property
+    def executable(self) -> str:
+        return self.path or self.argv[0]
+
+
+@dataclass(frozen=True)
+class ExitStatuses:
+    """Exit codes and signals (restart-prevent-exit-status, success-exit-status, ...)."""
+
+    codes: frozenset[int] = frozenset()
+    signals: frozenset[int] = frozenset()
+
+    def matches(self, status: int) -> bool:
+        """Whether a wait() status is one of them."""
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status) in self.codes
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status) in self.signals
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition-*/assert-* on a path, checked before the unit starts (systemd.unit(5))."""
+
+    kind: str  # the key without its condition-/assert- prefix: "path-exists", "file-not-empty", ...
+    path: str
+    negate: bool = False  # written with "!"
+    trigger: bool = False  # written with "|": at least one triggering condition must hold
+    assertion: bool = False  # assert-*: a failure is an error, not a quiet skip
+
+    def __str__(self) -> str:
+        prefix = ("|" if self.trigger else "") + ("!" if self.negate else "")
+        return f"{'assert' if self.assertion else 'condition'}-{self.kind}={prefix}{self.path}"
+
+
 @dataclass
 class ServiceSpec:
     argv: list[str]
@@ -142,6 +191,38 @@ class ServiceSpec:
     # Proxy units: the daemon listens here itself; activator accepts the connections and relays them.
     proxy_to: Address | None = None
     exit_idle_sec: float = float("inf")  # stop the daemon after this long without a connection (proxy units)
+    # exec-start in its table form: the executable, "-", variable expansion and "+" of the main command
+    exec_path: str | None = None
+    ignore_failure: bool = False
+    expand_environment: bool = False
+    privileged: bool = False
+    exec_condition: list[Command] = field(default_factory=list)
+    exec_start_pre: list[Command] = field(default_factory=list)
+    exec_start_post: list[Command] = field(default_factory=list)
+    exec_reload: list[Command] = field(default_factory=list)
+    notify_access: str | None = None  # None: the main process and its descendants
+    success_exit_status: ExitStatuses = ExitStatuses()
+    restart_prevent_exit_status: ExitStatuses = ExitStatuses()
+    restart_force_exit_status: ExitStatuses = ExitStatuses()
+    # Directories created before each start (relative to /run, /var/lib, ...), owned by user/group
+    runtime_directory: list[str] = field(default_factory=list)
+    runtime_directory_mode: int = 0o755
+    runtime_directory_preserve: str = "no"  # no | yes | restart
+    state_directory: list[str] = field(default_factory=list)
+    state_directory_mode: int = 0o755
+    cache_directory: list[str] = field(default_factory=list)
+    cache_directory_mode: int = 0o755
+    logs_directory: list[str] = field(default_factory=list)
+    logs_directory_mode: int = 0o755
+    configuration_directory: list[str] = field(default_factory=list)
+    configuration_directory_mode: int = 0o755
+    oom_score_adjust: int | None = None
+    nice: int | None = None
+    limits: dict[int, tuple[int, int]] = field(default_factory=dict)  # RLIMIT_* -> (soft, hard); -1: infinity
+
+    @property
+    def main_command(self) -> Command:
+        return Command(tuple(self.argv), self.exec_path, self.ignore_failure, self.expand_environment, self.privileged)
 
 
 @dataclass
@@ -158,6 +239,12 @@ class Unit:
     start_now: bool = False
     ip_address_allow: list[str] = field(default_factory=list)
     ip_address_deny: list[str] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
+    # Dependencies among the units loaded together, by unit name (systemd's [Unit] section)
+    requires: list[str] = field(default_factory=list)
+    wants: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)
     # Name of sockets without file-descriptor-name: "" means the unit's name (systemd's default);
     # None means pass no LISTEN_FDNAMES at all unless a socket is named (systemd-socket-activate).
     default_fd_name: str | None = ""

@@ -440,9 +440,12 @@ class Paths(Parser):
     def __call__(self, value: Any) -> list[str]:
         paths = strings(value)
         for entry in paths:
-            if entry in ("", "-"):
-                raise Invalid(f"invalid path {show(entry)}")
+            self.check(entry)
         return paths
+
+    def check(self, entry: str) -> None:
+        if entry in ("", "-"):
+            raise Invalid(f"invalid path {show(entry)}")
 
     def describe(self) -> str:
         return "paths (a string or an array); `-PATH`: optional"
@@ -601,3 +604,234 @@ def bounded_usec(value: str) -> float | None:
     if not digits or len(digits) > 20 or not digits.isascii() or not digits.isdigit():
         return None
     return min(int(digits) / 1e6, TIME_MAX)
+
+
+# ---------------------------------------------------------------- commands and the service's lifecycle
+_COMMAND_FLAGS = {"ignore-failure": "ignore_failure", "expand-environment": "expand_environment",
+                  "privileged": "privileged"}
+
+
+class Exec(Parser):
+    """One command: an argv array, a command line (split as a shell would), or a table
+    ``{ argv = [...], path = "...", ignore-failure = true, expand-environment = true, privileged = true }``
+    (what systemd's ``@``, ``-``, ``$VAR`` and ``+`` prefixes give)."""
+
+    kind = "argv"
+    metavar = "COMMAND"
+
+    def __call__(self, value: Any):
+        from .units import Command
+
+        if not isinstance(value, dict):
+            return Command(tuple(Argv()(value)))
+        unknown = [key for key in value if key not in ("argv", "path", *_COMMAND_FLAGS)]
+        if unknown:
+            raise Invalid(f"unknown key {show(unknown[0])} in a command table (argv, path, "
+                          f"{', '.join(_COMMAND_FLAGS)})")
+        if "argv" not in value:
+            raise Invalid("a command table needs argv")
+        argv = value["argv"]
+        if not isinstance(argv, list) or not argv:
+            raise Invalid(f"argv: expected a non-empty array of strings, got {described(argv)}")
+        flags = {attr: Bool()(value[key]) for key, attr in _COMMAND_FLAGS.items() if key in value}
+        path = Text()(value["path"]) if "path" in value else None
+        command = Command(tuple(text(item, "an array of strings") for item in argv), path, **flags)
+        if not command.executable:
+            raise Invalid("empty command")
+        return command
+
+    def describe(self) -> str:
+        return "array of strings, a command line, or a table with argv"
+
+
+class Commands(Parser):
+    """Commands run one after the other: one command (as :class:`Exec` takes it) or an array of them; an array
+    of strings only is one argv (as for exec-start), so several commands are arrays, tables or lines among them."""
+
+    kind = "commands"
+    metavar = "COMMAND"
+
+    def __call__(self, value: Any) -> list:
+        if isinstance(value, list) and any(isinstance(item, (list, dict)) for item in value):
+            return [Exec()(item) for item in value]
+        return [Exec()(value)]
+
+    def describe(self) -> str:
+        return "a command, or an array of commands (argv arrays, command lines or tables)"
+
+
+EXIT_CODE_MAX = 255
+
+
+class ExitStatuses(Parser):
+    """Exit codes 0..255 and signal names: an array, a number, or a string of them separated by blanks."""
+
+    kind = "exit-statuses"
+    metavar = "STATUS"
+
+    def __call__(self, value: Any):
+        import signal
+
+        from .units import ExitStatuses as Statuses
+
+        items = value.split() if isinstance(value, str) else value if isinstance(value, list) else [value]
+        codes, signals = set(), set()
+        for item in items:
+            if isinstance(item, str) and _INTEGER.fullmatch(item):
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise Invalid(f"expected exit codes and signal names, got {described(item)}")
+            if isinstance(item, int):
+                if not 0 <= item <= EXIT_CODE_MAX:
+                    raise Invalid(f"exit code {show(item)} is out of range (0..{EXIT_CODE_MAX})")
+                codes.add(item)
+            else:
+                name = text(item).upper()
+                try:
+                    signals.add(int(signal.Signals[name if name.startswith("SIG") else "SIG" + name]))
+                except KeyError:
+                    raise Invalid(f"{show(item)} is neither an exit code nor a signal name") from None
+        return Statuses(frozenset(codes), frozenset(signals))
+
+    def describe(self) -> str:
+        return f"exit codes 0..{EXIT_CODE_MAX} and signal names"
+
+
+PATH_MAX = 4096
+
+
+class Directories(Paths):
+    """Paths relative to the directory of their kind (/run for runtime-directory, ...): no ``..``, not absolute."""
+
+    kind = "directories"
+
+    def check(self, entry: str) -> None:
+        parts = entry.split("/")
+        if not entry or entry.startswith("/") or len(entry) > PATH_MAX or any(p in ("", ".", "..") for p in parts):
+            raise Invalid(f"invalid directory {show(entry)}: a relative path without '.', '..' or empty parts")
+
+    def describe(self) -> str:
+        return "relative paths (a string or an array)"
+
+
+class Preserve(Parser):
+    """runtime-directory-preserve: true or false (or "yes", "no"), or "restart"."""
+
+    kind = "choice"
+    choices = ("no", "yes", "restart")
+
+    def __call__(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return Choice(self.choices)(value)
+
+    def describe(self) -> str:
+        return "boolean, or `restart`"
+
+
+class Conditions(Parser):
+    """Absolute paths (or glob patterns) a condition is checked on; ``!PATH`` negates, ``|PATH`` triggers."""
+
+    kind = "conditions"
+    metavar = "PATH"
+
+    def __init__(self, condition: str, assertion: bool):
+        self.condition, self.assertion = condition, assertion
+
+    def __call__(self, value: Any) -> list:
+        from .units import Condition
+
+        result = []
+        for item in strings(value):
+            path = item
+            trigger = path.startswith("|")
+            path = path[1:] if trigger else path
+            negate = path.startswith("!")
+            path = path[1:] if negate else path
+            if not path.startswith("/") or len(path) > PATH_MAX:
+                raise Invalid(f"invalid path {show(item)}: expected an absolute path, optionally after | and !")
+            result.append(Condition(self.condition, path, negate, trigger, self.assertion))
+        return result
+
+    def describe(self) -> str:
+        return "absolute paths (a string or an array); `!PATH` negates, `|PATH` triggers"
+
+
+UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
+
+
+class UnitNames(Parser):
+    """Names of other units loaded together (requires, after, ...)."""
+
+    kind = "units"
+    metavar = "UNIT"
+
+    def __call__(self, value: Any) -> list[str]:
+        names = strings(value)
+        for name in names:
+            if not UNIT_NAME.fullmatch(name):
+                raise Invalid(f"invalid unit name {show(name)}")
+        return list(dict.fromkeys(names))
+
+    def describe(self) -> str:
+        return "unit names (a string or an array)"
+
+
+RLIM_INFINITY = -1  # what resource.setrlimit() takes for RLIM_INFINITY
+RLIMIT_MAX = 2**63 - 1
+_LIMIT_UNITS = {"bytes": "a size (K, M, G, ...)", "count": "a number", "seconds": "a time span",
+                "usec": "a time span", "nice": "a nice level +N or -N, or 0..40"}
+
+
+class Limit(Parser):
+    """A resource limit (setrlimit): ``N``, ``infinity`` or ``SOFT:HARD``, in the resource's own unit.
+    Returns ``{resource: (soft, hard)}`` (-1: infinity), so that every limit-* key adds to one table."""
+
+    kind = "limit"
+    metavar = "LIMIT"
+
+    def __init__(self, resource: int, unit: str):
+        self.resource, self.unit = resource, unit
+
+    def __call__(self, value: Any) -> dict[int, tuple[int, int]]:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise Invalid(f"expected a limit such as 1024, \"infinity\" or \"1024:4096\", got {described(value)}")
+        parts = text(value).split(":") if isinstance(value, str) else [value]
+        if len(parts) > 2:
+            raise Invalid(f"invalid limit {show(value)}: expected N, infinity or SOFT:HARD")
+        soft, hard = (self._one(parts[0]), self._one(parts[-1]))
+        if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
+            raise Invalid(f"invalid limit {show(value)}: the soft limit is above the hard one")
+        return {self.resource: (soft, hard)}
+
+    def _one(self, part: Any) -> int:
+        if isinstance(part, str) and part.strip() == "infinity":
+            return RLIM_INFINITY
+        try:
+            number = self._number(part)
+        except Invalid as exc:
+            raise Invalid(f"invalid limit {show(part)}: expected {_LIMIT_UNITS[self.unit]} or infinity "
+                          f"({exc})") from None
+        if not 0 <= number <= RLIMIT_MAX:
+            raise Invalid(f"limit {show(part)} is out of range (0..{RLIMIT_MAX}, or infinity)")
+        return number
+
+    def _number(self, part: Any) -> int:
+        if isinstance(part, int):
+            return part
+        if self.unit == "bytes":
+            return Size(0, RLIMIT_MAX)(part)
+        if self.unit in ("seconds", "usec"):
+            seconds = parse_timespan(part)
+            return math.ceil(seconds * (1e6 if self.unit == "usec" else 1))
+        if self.unit == "nice" and part.strip()[:1] in "+-" and _INTEGER.fullmatch(part):
+            level = int(part)
+            if not -20 <= level <= 19:
+                raise Invalid("a nice level is -20..19")
+            return 20 - level  # RLIMIT_NICE is 20 - the lowest nice level allowed
+        if _INTEGER.fullmatch(part):
+            return int(part)
+        raise Invalid("not a number")
+
+    def describe(self) -> str:
+        return f"{_LIMIT_UNITS[self.unit]}, `infinity`, or `SOFT:HARD`"

@@ -33,6 +33,8 @@ SKIP_KEYS = {
     "exec-start",  # the command is chosen below (a harmless one that may exit or stay)
     "user", "group", "supplementary-groups", "socket-user", "socket-group",  # drawn from a fixed set below
     "working-directory", "environment-file",  # paths: drawn below
+    # directories created under /run, /var/lib, ... of this machine: tests/test_unitfile.py has them
+    *(f"{kind}-directory" for kind in ("runtime", "state", "cache", "logs", "configuration")),
 }
 COMMANDS = [["true"], ["sleep", "5"], ["cat"], ["sh", "-c", "exit 3"], ["/nonexistent/daemon"]]
 
