@@ -78,6 +78,18 @@ def free_dual_port() -> int:
     return _pick_port(bind_one)
 
 
+def fd_count(pid: int) -> int:
+    """Descriptors held by ``pid``, leaving out the /proc files it reads for an instant (process trees)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/proc/"):
+                count += 1
+        except OSError:
+            pass  # closed while we looked: it was transient
+    return count
+
+
 def children(pid: int) -> list[int]:
     """The direct children of ``pid`` (empty once it is gone)."""
     try:

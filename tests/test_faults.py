@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 
-from conftest import children, free_port, wait_for
+from conftest import children, fd_count, free_port, wait_for
 
 LONG = bool(os.environ.get("ACTIVATOR_LONG_TESTS"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -54,18 +54,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def fd_count(pid: int) -> int:
-    """Descriptors held by ``pid``, leaving out the /proc files it reads for an instant (process trees)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/proc/"):
-                count += 1
-        except OSError:
-            pass  # closed while we looked: it was transient
-    return count
 
 
 class Daemon:

@@ -11,7 +11,7 @@ import statistics
 import threading
 import time
 
-from conftest import children, free_port, wait_for
+from conftest import children, fd_count, free_port, wait_for
 
 FLOOD_CONNECTIONS = int(os.environ.get("ACTIVATOR_FLOOD_CONNECTIONS", "3000"))
 FLOOD_THREADS = 40
@@ -23,18 +23,6 @@ LEAK_THREADS = 4
 
 
 # ------------------------------------------------------------------ /proc helpers
-def fd_count(pid: int) -> int:
-    """Descriptors held by ``pid``, leaving out the /proc files it reads for an instant (process trees)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/proc/"):
-                count += 1
-        except OSError:
-            pass  # closed while we looked: it was transient
-    return count
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
