@@ -192,7 +192,8 @@ for path, mode in (("/tmp", "1777"), ("/run", "0755")):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=" + mode, "tmpfs", path], check=True)
 for path, fd in keep.items():
     os.makedirs(path, exist_ok=True)
-    subprocess.run(["mount", "--bind", f"/proc/self/fd/{fd}", path], check=True, pass_fds=[fd])
+    # -c: mount(8) must not resolve the source: by its name it is now inside the new /tmp.
+    subprocess.run(["mount", "-c", "--bind", f"/proc/self/fd/{fd}", path], check=True, pass_fds=[fd])
 os.makedirs(sys.argv[1])
 print("ready", flush=True)
 # PID 1 of the namespace: reap whatever is orphaned to us, without ever waking up otherwise.
