@@ -33,7 +33,8 @@ import os
 import re
 import stat
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
+from .values import ENV_NAME  # one definition: systemd's env_name_is_valid()
+
 MAX_BYTES = 1 << 20
 
 _BLANK_LINES_AND_COMMENTS = re.compile(r"(?:[ \t\n\r]+|[#;][^\n\r]*)*")  # a comment starts where a name could

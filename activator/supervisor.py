@@ -508,15 +508,20 @@ class Engine:
         except BaseException:  # noqa: BLE001 - nothing more can be done; the files are still removed
             pass
 
-    def fail_unit(self, us: UnitState, reason: str) -> None:
-        """Put ``us`` in the failed state: processes stopped, sockets held but not watched, no restarts."""
-        us.failed = reason
+    def _quiesce(self, us: UnitState) -> None:
+        """No more activation of ``us`` (failed or retired): not watched, no pending restart or resume,
+        its jobs abandoned, and the starts waiting for it released (they must not wait for a unit that is gone)."""
         self._disarm(us)
         cancel(us.restart_timer)
         cancel(us.pause_timer)
         us.restart_pending = False
         self.jobs.abandon(us)
         self.jobs.went_down(us)
+
+    def fail_unit(self, us: UnitState, reason: str) -> None:
+        """Put ``us`` in the failed state: processes stopped, sockets held but not watched, no restarts."""
+        us.failed = reason
+        self._quiesce(us)
         try:
             self.stop_unit(us, "stop")
         except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
@@ -1553,12 +1558,7 @@ class Engine:
 
     def _retire(self, us: UnitState, keep: set[int]) -> None:
         us.retired = True
-        self._disarm(us)
-        cancel(us.restart_timer)
-        cancel(us.pause_timer)
-        us.restart_pending = False
-        self.jobs.abandon(us)
-        self.jobs.went_down(us)  # the starts waiting for it must not wait for a unit that is gone
+        self._quiesce(us)
         self.stop_unit(us)
         if us.has_processes():
             # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
