@@ -23,6 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import click
+
+import activator as activator_package
+
 from conftest import DAEMONS, PROBE, require, wait_for
 
 NOBODY = pwd.getpwnam("nobody")
@@ -396,10 +400,20 @@ def test_symlink_of_root_is_followed(activator, tmp_path, public):
     assert not (real / "s.sock").exists()  # removed through the same checked walk
 
 
-def run_as_nobody(activator, *args, **kw):
+def run_as_nobody(activator, public, *args, **kw):
+    """activator run as nobody, from readable copies of its package and of click (the checkout and its venv
+    may be private to root)."""
     require("setpriv")
+    copy = public / "pkg"
+    if not copy.exists():
+        for package in (activator_package, click):
+            source = Path(package.__file__).parent
+            shutil.copytree(source, copy / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644 | (path.stat().st_mode & 0o111))
+    env = {**kw.pop("env", {}), "PYTHONPATH": str(copy)}
     return activator(*args, argv_prefix=["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOGROUP_GID}",
-                                         "--clear-groups", sys.executable, "-m", "activator"], **kw)
+                                         "--clear-groups", sys.executable, "-m", "activator"], env=env, **kw)
 
 
 def test_not_root_uses_its_own_directory_and_refuses_a_shared_one(activator, public):
@@ -409,7 +423,7 @@ def test_not_root_uses_its_own_directory_and_refuses_a_shared_one(activator, pub
     mine = public / "mine"
     mine.mkdir(mode=0o700)
     os.chown(mine, NOBODY.pw_uid, NOGROUP_GID)
-    a = run_as_nobody(activator, "run", "-l", mine / "s.sock", "--", "true")
+    a = run_as_nobody(activator, public, "run", "-l", mine / "s.sock", "--", "true")
     a.wait_listening()
     st = os.lstat(mine / "s.sock")
     assert stat.S_ISSOCK(st.st_mode) and st.st_uid == NOBODY.pw_uid
@@ -419,7 +433,7 @@ def test_not_root_uses_its_own_directory_and_refuses_a_shared_one(activator, pub
     shared = public / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    b = run_as_nobody(activator, "run", "-l", shared / "s.sock", "--", "true")
+    b = run_as_nobody(activator, public, "run", "-l", shared / "s.sock", "--", "true")
     refused(b, shared / "s.sock", re.escape(f"{shared} is writable by others (mode 0777, owner 0)"))
     assert os.listdir(shared) == []
 
