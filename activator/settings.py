@@ -9,8 +9,8 @@ A setting's default is the default of the dataclass attribute it fills
 
 ``reload`` says what a changed value needs when ``serve`` reloads:
 
-* ``socket-rebind``: a new socket (the address, the socket type, bind-ipv6-only, reuse-port, free-bind);
-* ``socket-live``: applied to the socket that is kept (backlog, keep-alive, buffers, modes, owners, names);
+* ``socket-rebind``: a new socket (the address, the socket type, bind-ipv6-only, reuse-port);
+* ``socket-live``: applied to the socket that is kept (backlog, free-bind, keep-alive, buffers, modes, owners, names);
 * ``service``: the unit's daemon must be restarted for it to apply;
 * ``unit``: limits and timeouts, applied in place from the next event on.
 

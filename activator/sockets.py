@@ -585,9 +585,11 @@ def _kernel_v6only() -> int:
 def needs_new_socket(bound: BoundSocket, new: ListenSpec) -> str | None:
     """Why ``new`` cannot be had by changing ``bound`` in place (then a new socket is needed), or None.
 
-    Everything else (backlog, keep-alive, no-delay, free-bind, buffer sizes, socket-mode, socket-user,
-    socket-group, names, remove-on-stop) is applied by apply_live_options(). directory-mode applies only
-    to directories still to be created."""
+    What needs a new socket is the registry's ``socket-rebind`` class (activator.settings), besides the
+    address and the socket type; everything of ``socket-live`` is applied by apply_live_options().
+    directory-mode applies only to directories still to be created."""
+    from .settings import reload_attrs
+
     old = bound.spec
     if (old.address and old.address.text) != (new.address and new.address.text) or old.inherited_fd != new.inherited_fd:
         return "the address changed"
@@ -596,17 +598,26 @@ def needs_new_socket(bound: BoundSocket, new: ListenSpec) -> str | None:
     if old.type != new.type:
         return "the socket type changed"
     family = bound.sock.family
-    if family in IP_FAMILIES and old.reuse_port != new.reuse_port:
-        return "reuse-port changed (it applies at bind time)"
-    if family == socket.AF_INET6 and bound.sock.getsockname()[0] == "::":  # elsewhere the kernel forces it on
-        wanted = _v6only(new)
-        wanted = _kernel_v6only() if wanted is None else wanted
-        if bound.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) != wanted:
-            return "bind-ipv6-only changed (it applies at bind time)"
+    for attr in reload_attrs("socket-rebind"):
+        if attr == "bind_ipv6_only":
+            if family == socket.AF_INET6 and _v6only_differs(bound, new):
+                return "bind-ipv6-only changed (it applies at bind time)"
+        elif family in IP_FAMILIES and getattr(old, attr) != getattr(new, attr):
+            return f"{attr.replace('_', '-')} changed (it applies at bind time)"
     for attr in ("receive_buffer", "send_buffer"):
         if getattr(old, attr) is not None and getattr(new, attr) is None:
             return f"{attr.replace('_', '-')} went back to the kernel's default (only a new socket has it)"
     return None
+
+
+def _v6only_differs(bound: BoundSocket, new: BindSpec) -> bool:
+    """The kernel's IPV6_V6ONLY of ``bound`` against what ``new`` asks; it matters only on the wildcard
+    address (elsewhere the kernel forces it on)."""
+    if bound.sock.getsockname()[0] != "::":
+        return False
+    wanted = _v6only(new)
+    wanted = _kernel_v6only() if wanted is None else wanted
+    return bound.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) != wanted
 
 
 def apply_live_options(bound: BoundSocket, new: ListenSpec) -> None:
