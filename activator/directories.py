@@ -19,8 +19,8 @@ import errno
 import itertools
 import os
 import sys
-from dataclasses import dataclass
 
+from .records import dataclass
 from .units import ServiceSpec
 
 KINDS = ("runtime", "state", "cache", "logs", "configuration")

@@ -49,10 +49,11 @@ import select
 import socket
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from .records import dataclass
 from .loop import TimerHandle, cancel
 
 _relay: Any  # the C data path (optional: built when a C compiler was there)

@@ -25,9 +25,9 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Any
 
+from .records import dataclass
 from . import values as v
 from .units import BindSpec, InheritedSpec, ServiceSpec, Unit
 

@@ -26,9 +26,10 @@ import signal
 import sys
 import time
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Callable
 
+from .records import dataclass
 from . import conditions, directories, processes
 from .access import AccessList
 from .addresses import format_peer
