@@ -3,7 +3,9 @@
 `--version` and the top-level `--help` are answered before the command-line
 machinery (click) is imported: they are what scripts, health checks and
 newcomers call most, and they should cost no more than starting the
-interpreter. The help text below is click's own rendering of `activator.cli`;
+interpreter. `run` and `serve` parse a plain command line without click too
+(activator.commands), since click costs as much as the rest of their start-up.
+The help text below is click's own rendering of `activator.cli`;
 tests/test_cli_help.py fails when the two drift apart.
 """
 import os
@@ -48,6 +50,10 @@ def main() -> None:
     if args in (["--help"], ["-h"]) and os.path.basename(sys.argv[0]) == "activator" and not _narrow_terminal():
         sys.stdout.write(HELP)
         return
+    if args and args[0] in ("run", "serve"):
+        from . import commands
+
+        commands.main(args)  # returns when the command line is click's to parse
     from .cli import main as cli_main
 
     cli_main()

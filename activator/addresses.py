@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 from typing import Any, Union
+
+from .records import dataclass
 
 # sun_path is 108 bytes on Linux; a path needs its trailing NUL, an abstract name does not.
 UNIX_PATH_MAX = 108

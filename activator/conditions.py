@@ -7,12 +7,18 @@ nothing here blocks on anything but the file system.
 """
 from __future__ import annotations
 
-import glob
 import os
 import stat
 from typing import Callable
 
 from .units import Condition
+
+
+def _glob_matches(pattern: str) -> bool:
+    import glob  # only for the units that have this condition, not at start-up
+
+    return bool(glob.glob(pattern))
+
 
 MAX_SLAVE_DEPTH = 8  # device-mapper stacks (LVM on LUKS on ...) are a few levels deep, never this many
 
@@ -77,7 +83,7 @@ def _device_encrypted(sys_path: str, depth: int) -> bool:
 
 CHECKS: dict[str, Callable[[str], bool]] = {
     "path-exists": os.path.exists,
-    "path-exists-glob": lambda pattern: bool(glob.glob(pattern)),
+    "path-exists-glob": _glob_matches,
     "path-is-directory": lambda path: _is(path, stat.S_ISDIR),
     "path-is-symbolic-link": lambda path: _is(path, stat.S_ISLNK, follow=False),
     "path-is-mount-point": os.path.ismount,

@@ -28,9 +28,10 @@ import re
 import socket
 import stat
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, NamedTuple
 
+from .records import dataclass
 from .envfile import read_environment_file
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
 from .units import BindSpec, InheritedSpec, ListenSpec, ServiceSpec, UnresolvedInherited, Unit

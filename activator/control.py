@@ -28,9 +28,9 @@ import stat
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .records import dataclass
 from . import __version__, processes
 from .loop import TimerHandle, cancel
 from .sockets import remove_stale_socket

@@ -1,54 +1,15 @@
 """`activator ctl`: talk to a running activator over its control socket (activator.control).
 
 Exit codes: 0 done, 1 refused or failed (the reason on stderr), 2 usage (or several
-activators to choose from), 3 no such unit, 4 cannot reach activator. Also here: the
-one decorator that gives `run` and `serve` their control and metrics options.
+activators to choose from), 3 no such unit, 4 cannot reach activator.
 """
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import time
 from typing import Any, Callable, NoReturn
 
 import click
-
-
-# ----------------------------------------------------- options of run and serve
-def control_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--control-socket PATH, --no-control-socket and --metrics-listen ADDR; the command gets them
-    as one keyword argument, ``control`` (an activator.control.ControlSettings)."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, control_socket: str | None, no_control_socket: bool, metrics_listen: str | None,
-                **kwargs: Any) -> Any:
-        from .control import ControlSettings
-
-        if control_socket and no_control_socket:
-            raise click.UsageError("--control-socket and --no-control-socket are mutually exclusive")
-        if metrics_listen:
-            from .addresses import AddressError, parse_address
-
-            try:
-                parse_address(metrics_listen)
-            except AddressError as exc:
-                raise click.BadParameter(str(exc), param_hint="'--metrics-listen'") from None
-        settings = ControlSettings(os.path.abspath(control_socket) if control_socket else None,
-                                   not no_control_socket, metrics_listen)
-        return f(*args, control=settings, **kwargs)
-
-    options = [
-        click.option("--control-socket", metavar="PATH",
-                     help="Control socket for `activator ctl` [default: DIR/PID.sock, DIR being /run/activator "
-                          "for root, else $XDG_RUNTIME_DIR/activator or /tmp/activator-UID]."),
-        click.option("--no-control-socket", is_flag=True, help="No control socket."),
-        click.option("--metrics-listen", metavar="ADDR",
-                     help="Serve Prometheus metrics at http://ADDR/metrics (needs prometheus_client)."),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
 
 
 # ------------------------------------------------------------------ ctl

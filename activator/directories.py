@@ -19,8 +19,8 @@ import errno
 import itertools
 import os
 import sys
-from dataclasses import dataclass
 
+from .records import dataclass
 from .units import ServiceSpec
 
 KINDS = ("runtime", "state", "cache", "logs", "configuration")
@@ -61,10 +61,14 @@ def base(kind: str) -> str:
     return os.path.join(os.path.expanduser("~"), fallback)
 
 
+_ATTRS = tuple((kind, f"{kind}_directory", f"{kind}_directory_mode") for kind in KINDS)
+
+
 def planned(svc: ServiceSpec) -> list[Directory]:
     """The directories of a service, in the order of the keys; ValueError when a base is unknown."""
-    return [Directory(kind, base(kind), relative, getattr(svc, f"{kind}_directory_mode"))
-            for kind in KINDS for relative in getattr(svc, f"{kind}_directory")]
+    # Called for every unit at start (twice): most have none, so nothing is formatted or built for them.
+    return [Directory(kind, base(kind), relative, getattr(svc, mode))
+            for kind, attr, mode in _ATTRS for relative in getattr(svc, attr)]
 
 
 def environment(directories: list[Directory]) -> dict[str, str]:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
+from .records import dataclass
 from .loop import TimerHandle, cancel
 from .processes import EMPTY_TREE, describe_status
 from .spawn import SpawnError

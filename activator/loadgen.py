@@ -23,8 +23,10 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Union
+
+from .records import dataclass
 
 Address = Union[str, tuple]
 

@@ -75,8 +75,9 @@ import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+from .records import dataclass
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 BUFFER_BYTES = 256 * 1024

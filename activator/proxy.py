@@ -48,12 +48,12 @@ import os
 import select
 import socket
 import struct
-import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from .records import dataclass
 from .loop import TimerHandle, cancel
 
 _relay: Any  # the C data path (optional: built when a C compiler was there)
@@ -107,6 +107,8 @@ class ThreadedRelays:
         self.proxy = proxy
         self.handle = _relay.new(PIPE_SIZE)
         self.failure: BaseException | None = None
+        import threading  # only for a proxy unit's relays, not at start-up
+
         self.thread = threading.Thread(target=self._run, name="activator-relay", daemon=True)
         self.fd = _relay.fileno(self.handle)
         proxy.engine.loop.add_reader(self.fd, self._on_ended)

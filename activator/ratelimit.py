@@ -6,7 +6,7 @@ Once the window has elapsed the next event opens a new one. ``burst == 0`` or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .records import dataclass
 
 
 @dataclass

@@ -19,9 +19,10 @@ import select
 import signal
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 
+from .records import dataclass
 from . import processes
 from .loop import TimerHandle, cancel
 from .protocol import valid_fdname

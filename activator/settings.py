@@ -1,7 +1,7 @@
 """Every setting of a unit, declared once: its TOML key, where it sits, its parser and bounds, its doc.
 
 From :data:`SETTINGS` come the TOML schema and validation of ``serve``/``check``
-(activator.config), the options of ``run`` (activator.cli), what a reload must
+(activator.config), the options of ``run`` (activator.commands), what a reload must
 do when a value changes (:func:`reload_attrs`, used by ``ListenSpec.identity()``)
 and the reference page docs/settings.md (``python -m activator.settings --markdown``).
 A setting's default is the default of the dataclass attribute it fills
@@ -25,9 +25,9 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Any
 
+from .records import dataclass
 from . import values as v
 from .units import BindSpec, InheritedSpec, ServiceSpec, Unit
 

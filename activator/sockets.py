@@ -45,8 +45,9 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .records import dataclass
 from .processes import lookup_group, lookup_user
 from .units import BindSpec, ListenSpec
 

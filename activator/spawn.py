@@ -22,8 +22,10 @@ import errno
 import fcntl
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from .records import dataclass
 
 _fastspawn: Any
 try:  # the optional C fast path; absent when the package was installed without a compiler

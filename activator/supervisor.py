@@ -25,11 +25,11 @@ import os
 import signal
 import sys
 import time
-import traceback
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Callable
 
+from .records import dataclass
 from . import conditions, directories, processes
 from .access import AccessList
 from .addresses import format_peer
@@ -471,6 +471,8 @@ class Engine:
 
     # ---------------------------------------------------------------- faults
     def _on_fault(self, owner: object, exc: BaseException) -> None:
+        import traceback  # only for a bug: not at start-up
+
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
         if isinstance(owner, UnitState) and not self.stopping:
             self.log.error("unit-fault", f"internal error, unit failed: {exc!r}\n{trace}", unit=owner.name)

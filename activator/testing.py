@@ -31,9 +31,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from .records import dataclass
 from .protocol import STRIP_ENV
 from .spawn import SpawnSpec, resolve, spawn
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .records import dataclass
 from .addresses import Address
 
 

@@ -10,7 +10,9 @@ Prints, for the interpreter running it (the venv's python):
    ``gc.collect()``, then ``malloc_trim``);
 4. start-up by phase: CPU time (the scheduler's, robust to a busy machine) and
    wall time, the minimum of N runs, of the interpreter alone and with each
-   import group, and of ``activator run`` until its last "listening" line.
+   import group, and of ``activator run`` until its last "listening" line;
+5. how much of the import time of ``run`` goes into creating the engine's
+   dataclasses (the floor of a model written as dataclasses).
 """
 from __future__ import annotations
 
@@ -23,19 +25,22 @@ import time
 
 from .util import free_ports, wait_idle
 
-# Cumulative import steps, in the order `activator run` first needs them.
+# Cumulative import steps, in the order a plain `activator run` (activator.commands, no click) needs them.
 STEPS = [
     ("stdlib the engine needs (socket, selectors, signal, heapq)", "socket selectors signal errno heapq time"),
     ("dataclasses (+ inspect, ast, dis, tokenize)", "dataclasses"),
     ("typing", "typing"),
-    ("click", "click"),
-    ("activator.cli", "activator.cli"),
-    ("units, addresses, protocol, timespan, access, log, sockets", "activator.units activator.addresses "
-     "activator.protocol activator.timespan activator.access activator.log activator.sockets"),
+    ("the model: units, addresses, values, the settings registry", "activator.units activator.addresses "
+     "activator.values activator.settings"),
+    ("run's command line without click (activator.commands)", "activator.commands"),
+    ("config (the loader of run and serve)", "activator.config"),
+    ("log, sockets, control", "activator.log activator.sockets activator.control"),
     ("spawn (+ the C extension)", "activator.spawn"),
-    ("supervisor", "activator.supervisor"),
-    ("sdnotify (+ tempfile, shutil: the engine imports it at start)", "activator.sdnotify"),
+    ("supervisor (+ jobs, proxy, sdnotify, directories, conditions)", "activator.supervisor"),
+    ("json (the control socket's replies)", "json"),
 ]
+# What `activator run` imports, for the class-creation profile (section 5).
+RUN_PATH = "activator.commands activator.config activator.control activator.log activator.supervisor"
 
 _ANON = "\n".join([
     "def anon():",
@@ -81,6 +86,25 @@ a3 = anon()
 ctypes.CDLL(None).malloc_trim(0)
 a4 = anon()
 print(a1 - a0, a2 - a1, a3 - a2, a4 - a3)
+"""
+
+
+CLASSES_CODE = """
+import dataclasses, sys, time
+spent = {}
+process = dataclasses._process_class
+def timed(cls, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return process(cls, *args, **kwargs)
+    finally:
+        spent[f"{cls.__module__}.{cls.__qualname__}"] = time.perf_counter() - t0
+dataclasses._process_class = timed
+t0 = time.perf_counter()
+for name in sys.argv[1].split():
+    __import__(name)
+total = time.perf_counter() - t0
+print(total, sum(spent.values()), len(spent))
 """
 
 
@@ -165,6 +189,20 @@ def import_steps() -> None:
           f"import ctypes (for malloc_trim): {drop[2]:+,}; malloc_trim(0): {drop[3]:+,}\n")
 
 
+def class_creation(runs: int) -> None:
+    print(f"## 5. Where the imports of `run` spend their time: creating dataclasses (median of {runs} runs)\n")
+    samples = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", CLASSES_CODE, RUN_PATH], capture_output=True, text=True,
+                             check=True).stdout.split()
+        samples.append((float(out[0]), float(out[1]), int(out[2])))
+    samples.sort()
+    total, classes, count = samples[len(samples) // 2]
+    print(f"importing {RUN_PATH} (after site): {total * 1000:.1f} ms, of which {classes * 1000:.1f} ms "
+          f"({classes / total:.0%}) in dataclasses._process_class for the {count} dataclasses of the engine's model "
+          "(their __init__, __repr__ and __eq__ are generated and compiled at every start)\n")
+
+
 def startup(runs: int) -> None:
     print(f"## 4. Start-up, minimum of {runs} runs (ms)\n")
     cases = [("python -c pass", ["-c", "pass"]), ("python -S -c pass (no site)", ["-S", "-c", "pass"])]
@@ -202,6 +240,7 @@ def main(argv=None) -> int:
     idle_memory()
     import_steps()
     startup(args.runs)
+    class_creation(args.runs)
     return 0
 
 

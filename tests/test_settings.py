@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from activator import cli, settings
+from activator import cli, commands, settings
 from activator import values as v
 from activator.addresses import parse_address
 from activator.config import ConfigError, load_units
@@ -74,7 +74,7 @@ def test_run_help_describes_every_option():
         if isinstance(param, cli.click.Option):
             assert param.help, f"{param.opts} has no help"
     assert "implies -a" in " ".join(r.output.split())
-    for s in cli.RUN_SETTINGS:
+    for s in commands.RUN_SETTINGS:
         for flag in s.flags:
             assert flag in r.output
 
@@ -204,7 +204,7 @@ def _value_on(unit, s: settings.Setting):
 def run_unit(monkeypatch):
     """Invoke `run` in this process; the unit it would hand to the engine, or the CliRunner result on error."""
     started = []
-    monkeypatch.setattr(cli, "_engine_main", lambda units, *a, **kw: started.extend(units))
+    monkeypatch.setattr(commands, "engine_main", lambda launch: started.extend(launch.units))
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         monkeypatch.delenv(name, raising=False)
 

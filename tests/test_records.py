@@ -1,0 +1,92 @@
+"""activator.records.dataclass behaves as dataclasses.dataclass: the same repr, equality, hash and
+hashability, for every form the engine's model uses (and the unusual ones it hands back untouched)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import field
+
+import pytest
+
+import activator
+from activator.records import _dataclass
+
+
+def _pair(body: str, decorator: str = "@dataclass"):
+    """The same class body made by both decorators."""
+    made = []
+    for dc in (dataclasses.dataclass, _dataclass):
+        ns: dict = {"dataclass": dc, "field": field}
+        exec(f"{decorator}\nclass C:\n{body}", ns)
+        made.append(ns["C"])
+    return made
+
+
+BODIES = [
+    ("@dataclass", "    a: int\n    b: str = 'x'\n"),
+    ("@dataclass", "    a: int\n"),
+    ("@dataclass", "    pass\n"),
+    ("@dataclass(frozen=True)", "    a: int\n    b: tuple = ()\n"),
+    ("@dataclass(frozen=True)", "    a: int\n    hidden: int = field(default=0, repr=False, compare=False)\n"),
+    ("@dataclass(frozen=True)", "    a: int\n    b: int = field(default=0, hash=False)\n"),
+    ("@dataclass(eq=False)", "    a: int\n"),
+    ("@dataclass(eq=False, slots=True)", "    a: int\n    b: list = field(default_factory=list)\n"),
+    ("@dataclass(slots=True)", "    a: int\n"),
+    ("@dataclass(repr=False)", "    a: int\n"),
+    ("@dataclass", "    a: int\n    def __hash__(self):\n        return 7\n"),
+    ("@dataclass", "    a: int\n    def __repr__(self):\n        return 'mine'\n"),
+    ("@dataclass(order=True)", "    a: int\n"),
+    ("@dataclass(unsafe_hash=True)", "    a: int\n"),
+]
+
+
+@pytest.mark.parametrize("decorator, body", BODIES)
+def test_same_behaviour_as_the_standard_decorator(decorator, body):
+    std, ours = _pair(body, decorator)
+    fields = [f.name for f in dataclasses.fields(std)]
+    args = [(1, "y"), (1, "y"), (2, "y")] if len(fields) > 1 else [(1,), (1,), (2,)] if fields else [(), (), ()]
+    s = [std(*a[:len(fields)]) for a in args]
+    o = [ours(*a[:len(fields)]) for a in args]
+    assert [f.name for f in dataclasses.fields(ours)] == fields
+    if std.__repr__ is not object.__repr__:
+        assert [repr(x).replace("test_records._pair.<locals>.", "") for x in o] == \
+            [repr(x).replace("test_records._pair.<locals>.", "") for x in s]
+    assert (o[0] == o[1], o[0] == o[2], o[0] != o[1], o[0] == 1) == (s[0] == s[1], s[0] == s[2], s[0] != s[1],
+                                                                     s[0] == 1)
+    assert (ours.__hash__ is None) == (std.__hash__ is None)
+    if std.__hash__ is not None:
+        same_hash = hash(s[0]) == hash(s[1])
+        assert (hash(o[0]) == hash(o[1])) == same_hash
+        if std.__hash__ is not object.__hash__:
+            assert hash(o[0]) == hash(s[0])
+    assert dataclasses.replace(o[0]) == o[0] or std.__eq__ is object.__eq__
+
+
+def test_subclasses_and_recursion():
+    std, ours = _pair("    a: int\n    b: object = None\n")
+    for cls in (std, ours):
+        sub = dataclasses.dataclass(type("Sub", (cls,), {"__annotations__": {"c": "int"}, "c": 0}))
+        assert sub(1, None, 2) != sub(1, None, 3) and sub(1, None, 2) == sub(1, None, 2)
+        assert sub(1) != cls(1)  # another class: not equal, as the standard __eq__
+    loop_std, loop_ours = std(1), ours(1)
+    loop_std.b, loop_ours.b = loop_std, loop_ours
+    assert repr(loop_ours).replace("test_records._pair.<locals>.", "") == \
+        repr(loop_std).replace("test_records._pair.<locals>.", "")
+
+
+def test_the_engine_model_uses_it():
+    """Every dataclass of activator's modules gets the shared methods (a new module using the standard
+    decorator still works, it only starts slower)."""
+    plain = []
+    for info in pkgutil.iter_modules(activator.__path__):
+        if info.name.startswith("_") or info.name in ("pytest_plugin",):
+            continue
+        module = importlib.import_module(f"activator.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+                made_by = {getattr(getattr(value, m), "__code__", None) and getattr(value, m).__code__.co_filename
+                           for m in ("__repr__", "__eq__")}
+                if made_by & {"<string>", dataclasses.__file__}:  # compiled for this class at import
+                    plain.append(f"{module.__name__}.{value.__qualname__}")
+    assert plain == []
