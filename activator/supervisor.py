@@ -1426,7 +1426,8 @@ class Engine:
         state.worker = worker
         lead = like.leader or like
         state.leader = None if worker == 0 else lead
-        state.start_limit = lead.start_limit  # one start limit per unit, whatever its workers
+        if like.worker == worker:
+            state.start_limit = like.start_limit  # each worker has its start limit; its new daemons count in it
         return state
 
     def _add_workers(self, lead: UnitState, count: int) -> list[UnitState]:
@@ -1496,7 +1497,7 @@ class Engine:
         if not running:
             self.restart_unit(lead)
             return True, "not running: started as a plain restart"
-        lead.rolling = running
+        lead.rolling = list(running)
         self._graceful_next(lead)
         return True, f"graceful restart of {len(running)} worker(s) under way"
 

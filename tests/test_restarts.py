@@ -1,0 +1,246 @@
+"""Graceful restarts and workers (docs/restarts.md).
+
+In-process engine tests with the FakeHost of tests/test_engine.py for the state machine
+(overlap, readiness, failure, stop during the overlap, scale), then real `activator serve`
+runs under activator.loadgen.ClientLoad: no connection refused or failed across a graceful
+restart of a Python notify daemon and of nbdkit, a scale 2 -> 4 -> 1, and a failed graceful
+restart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from activator.loadgen import ClientLoad
+from activator.units import ServiceSpec
+
+from conftest import free_port, pid_alive, wait_for
+from test_engine import FIRST_PID, FakeHost, Harness, make_unit, trigger
+
+PY = sys.executable
+DAEMONS = Path(__file__).parent / "daemons"
+GENERATION = DAEMONS / "generation.py"
+
+
+# ------------------------------------------------------------------ in-process: the state machine
+class EnvHost(FakeHost):
+    """FakeHost that keeps each spawned daemon's environment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.envs: dict[int, dict[str, str]] = {}
+
+    def spawn(self, spec):
+        pid = super().spawn(spec)
+        env = spec.env if isinstance(spec.env, dict) else dict(e.decode().split("=", 1) for e in spec.env)
+        self.envs[pid] = env
+        return pid
+
+    start = spawn
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    made = []
+
+    def make(units, **kw):
+        monkeypatch.setattr("test_engine.FakeHost", EnvHost)
+        h = Harness(units, **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def running(h: Harness, name="u") -> list[int]:
+    """Every main pid of the unit: its workers' and the new daemons of a graceful restart."""
+    return sorted(s.main_pid for s in h.engine.states() if s.name == name and s.main_pid)
+
+
+def ready(h: Harness, us) -> None:
+    """What the notify hub does on READY=1 from the daemon of ``us`` (no real datagram: the pids are fake)."""
+    h.engine.notify.runs[id(us)].ready = True
+    h.engine.unit_ready(us)
+
+
+def terms(h: Harness) -> list[int]:
+    return [target for _, target in h.host.sent(signal.SIGTERM)]
+
+
+def test_graceful_restart_overlaps_until_ready_then_stops_the_old_one(harness):
+    h = harness([make_unit(type="notify")])
+    trigger(h)
+    old = h.unit()
+    old_pid = old.main_pid
+    ready(h, old)
+    assert h.engine.graceful_restart(old) == (True, "graceful restart of 1 worker(s) under way")
+    new = old.successor
+    assert new is not None and new.main_pid == FIRST_PID + 1
+    assert running(h) == [old_pid, new.main_pid] and terms(h) == []  # both run: the overlap
+    assert h.unit() is old and not h.unit().armed
+    again = h.engine.graceful_restart(old)
+    assert again == (False, "a graceful restart is already under way")
+    ready(h, new)
+    assert terms(h) == [old_pid] and h.unit() is new  # the old one gets its kill signal once the new one is ready
+    h.reap(old_pid)
+    assert running(h) == [new.main_pid] and h.unit().state == "running" and not h.unit().armed
+    assert [e["event"] for e in h.events if e["event"].startswith("graceful")] == ["graceful-start", "graceful-done"]
+
+
+def test_graceful_restart_of_a_simple_daemon_waits_graceful_ready_sec(harness):
+    h = harness([make_unit(graceful_ready_sec=2.0)])
+    trigger(h)
+    old_pid = h.unit().main_pid
+    h.engine.graceful_restart(h.unit())
+    h.advance(1.9)
+    assert terms(h) == [] and len(running(h)) == 2
+    h.advance(0.2)
+    assert terms(h) == [old_pid]
+
+
+@pytest.mark.parametrize("how", ["exits", "timeout", "spawn-error"])
+def test_failed_graceful_restart_leaves_the_old_daemon_serving(harness, how):
+    h = harness([make_unit(type="notify", timeout_start=5.0)])
+    trigger(h)
+    old = h.unit()
+    old_pid = old.main_pid
+    ready(h, old)
+    if how == "spawn-error":
+        from activator.spawn import SpawnError
+        h.host.fail_spawn = SpawnError("no such file: /bin/true")
+    h.engine.graceful_restart(old)
+    if how == "exits":
+        h.reap(old.successor.main_pid, code=1)
+    elif how == "timeout":
+        new_pid = old.successor.main_pid
+        h.advance(5.0)
+        assert terms(h) == [new_pid]  # only the new one is stopped
+        h.reap(new_pid)
+    failed = [e for e in h.events if e["event"] == "graceful-failed"]
+    assert len(failed) == 1 and old_pid not in terms(h)
+    reason = failed[0]["reason"]
+    assert {"exits": "exited with status 1", "timeout": "no READY=1 within 5s",
+            "spawn-error": "cannot start"}[how] in reason, reason
+    assert h.unit() is old and old.successor is None and running(h) == [old_pid]
+    # the next graceful restart is possible
+    h.host.fail_spawn = None
+    assert h.engine.graceful_restart(old)[0]
+
+
+def test_stop_during_the_overlap_stops_both_generations(harness):
+    h = harness([make_unit(type="notify")])
+    trigger(h)
+    old = h.unit()
+    h.engine.graceful_restart(old)
+    both = running(h)
+    h.engine.stop(0)
+    assert sorted(terms(h)) == both
+    for pid in both:
+        h.reap(pid)
+    assert h.engine.done
+
+
+def test_old_daemon_exiting_during_the_overlap_is_not_restarted(harness):
+    h = harness([make_unit(type="notify", restart="always", restart_sec=0.0)])
+    trigger(h)
+    old = h.unit()
+    h.engine.graceful_restart(old)
+    new = old.successor
+    h.reap(old.main_pid, code=1)
+    h.advance(1.0)
+    assert running(h) == [new.main_pid] and len(h.host.spawned) == 2
+    ready(h, new)
+    assert h.unit() is new and running(h) == [new.main_pid]
+
+
+def test_workers_start_together_each_with_its_index_and_restart_on_their_own(harness):
+    h = harness([make_unit(workers=3, restart="always", restart_sec=0.0)])
+    trigger(h)
+    pids = running(h)
+    assert len(pids) == 3
+    assert [h.host.envs[p]["ACTIVATOR_WORKER"] for p in pids] == ["0", "1", "2"]
+    assert [h.engine.unit_of_pid(p).worker for p in pids] == [0, 1, 2]
+    h.reap(pids[1], code=1)  # worker 1 alone is restarted
+    h.advance(0.0)
+    after = running(h)
+    assert len(after) == 3 and pids[0] in after and pids[2] in after and pids[1] not in after
+    assert h.host.envs[max(after)]["ACTIVATOR_WORKER"] == "1"
+
+
+def test_workers_are_armed_again_only_once_all_have_exited(harness):
+    h = harness([make_unit(workers=2)])
+    trigger(h)
+    a, b = running(h)
+    h.reap(a)
+    assert not h.unit().armed  # worker 1 still holds the sockets
+    h.reap(b)
+    assert h.unit().armed
+    trigger(h)
+    assert len(running(h)) == 2
+
+
+def test_scale_up_and_down(harness):
+    h = harness([make_unit(workers=2)])
+    trigger(h)
+    assert h.engine.scale_unit(h.unit(), 4) == (True, "2 -> 4 workers")
+    pids = running(h)
+    assert len(pids) == 4
+    assert h.engine.scale_unit(h.unit(), 1) == (True, "4 -> 1 workers")
+    assert sorted(terms(h)) == pids[1:]  # the highest-numbered ones go, worker 0 stays
+    assert h.engine.scale_unit(h.unit(), 0)[0] is False and h.engine.scale_unit(h.unit(), 1025)[0] is False
+    for pid in pids[1:]:
+        h.reap(pid)
+    assert running(h) == pids[:1] and len(h.unit().group) == 1
+
+
+def test_graceful_restart_of_workers_replaces_one_at_a_time(harness):
+    h = harness([make_unit(workers=3, type="notify")])
+    trigger(h)
+    old = running(h)
+    h.engine.graceful_restart(h.unit())
+    for k in range(3):
+        assert len(running(h)) == 4 and len(terms(h)) == k  # one new daemon at a time: never below N
+        [new] = [s for s in h.engine.states() if s.replaces is not None]
+        assert new.worker == k and h.host.envs[new.main_pid]["ACTIVATOR_WORKER"] == str(k)
+        ready(h, new)
+        assert terms(h)[-1] == old[k]
+        h.reap(old[k])
+    assert len(running(h)) == 3 and not set(running(h)) & set(old)
+    assert [s.worker for s in h.unit().group] == [0, 1, 2]
+
+
+def test_reload_changing_workers_only_scales_and_a_graceful_reload_overlaps(harness):
+    port = free_port()
+    current = [make_unit(port=port, workers=2, type="notify", restart_style="graceful")]
+    h = harness(current, reloader=lambda: current)
+    trigger(h)
+    first = running(h)
+    unit = current[0]
+    current[:] = [type(unit)(name="u", sockets=unit.sockets, service=ServiceSpec(
+        argv=["/bin/true"], workers=3, type="notify", restart_style="graceful"))]
+    result = h.engine.reload()
+    assert result.unchanged == ["u"]
+    h.poll()
+    assert len(running(h)) == 3 and set(first) < set(running(h)) and terms(h) == []
+    current[:] = [type(unit)(name="u", sockets=unit.sockets, service=ServiceSpec(
+        argv=["/bin/true"], workers=3, type="notify", restart_style="graceful", environment={"NEW": "1"}))]
+    assert h.engine.reload().changed == ["u"]
+    h.poll()
+    before = [s.main_pid for s in h.engine.states() if s.replaces is None]
+    for k in range(3):
+        [new] = [s for s in h.engine.states() if s.replaces is not None]
+        assert h.host.envs[new.main_pid].get("NEW") == "1" and new.worker == k
+        ready(h, new)
+        assert terms(h)[-1] == before[k]
+        h.reap(before[k])
+    assert len(running(h)) == 3 and not set(running(h)) & set(before)
+    assert all(h.host.envs[p].get("NEW") == "1" for p in running(h))
