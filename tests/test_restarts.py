@@ -9,9 +9,9 @@ restart.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ import pytest
 from activator.loadgen import ClientLoad
 from activator.units import ServiceSpec
 
-from conftest import free_port, pid_alive, wait_for
+from conftest import connect, free_port, pid_alive, wait_for
 from test_engine import FIRST_PID, FakeHost, Harness, make_unit, trigger
 
 PY = sys.executable
@@ -244,3 +244,162 @@ def test_reload_changing_workers_only_scales_and_a_graceful_reload_overlaps(harn
         h.reap(before[k])
     assert len(running(h)) == 3 and not set(running(h)) & set(before)
     assert all(h.host.envs[p].get("NEW") == "1" for p in running(h))
+
+
+# ------------------------------------------------------------------ real daemons under a client load
+def serve(activator, tmp_path: Path, body: str, name: str = "g"):
+    """`activator serve` of one unit listening on a free port; (activator, port, control socket)."""
+    port = free_port()
+    units = tmp_path / "units"
+    units.mkdir(exist_ok=True)
+    (units / f"{name}.toml").write_text(f'[{name}]\nsocket.listen-stream = "127.0.0.1:{port}"\n{body}')
+    sock = tmp_path / "ctl.sock"
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, units)
+    a.wait_listening()
+    return a, port, sock
+
+
+def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "activator", "ctl", "--socket", str(sock), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def status(sock: Path, name: str = "g") -> dict:
+    r = ctl(sock, "status", "--json", name)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["units"][0]
+
+
+def records(a, event: str) -> list[dict]:
+    """activator's JSON log records of ``event``."""
+    found = []
+    for line in a.log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a daemon's own stderr
+        if record.get("event") == event:
+            found.append(record)
+    return found
+
+
+def wait_event(a, event: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
+    return wait_for(lambda: len(records(a, event)) >= count and records(a, event), timeout, what=f"{count} {event}")
+
+
+def main_pids(sock: Path) -> list[int]:
+    return [w["main_pid"] for w in status(sock)["workers"] if w["main_pid"]]
+
+
+def generation_unit(*args: str, workers: int = 1) -> str:
+    argv = json.dumps([PY, str(GENERATION), "g", *args])
+    return (f"service.exec-start = {argv}\nservice.type = \"notify\"\nservice.restart-style = \"graceful\"\n"
+            f"service.workers = {workers}\n")
+
+
+def warm(port: int) -> bytes:
+    """One connection before the load: it starts the daemon, so the load's latency is that of the switch."""
+    with connect(("127.0.0.1", port), timeout=30) as c:
+        c.shutdown(socket.SHUT_WR)
+        return c.recv(100)
+
+
+def report(what: str, load) -> None:
+    print(f"\n{what}: {load.report.summary()}")  # the figures of docs/restarts.md (pytest -s)
+
+
+def test_graceful_restart_of_a_notify_daemon_under_load_refuses_nothing(activator, tmp_path):
+    a, port, sock = serve(activator, tmp_path, generation_unit("--ready-after", "1"))
+    warm(port)
+    with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=90) as load:
+        assert load.wait_served(20, timeout=30)
+        [old] = main_pids(sock)
+        r = ctl(sock, "restart", "g")  # restart-style = graceful: the default of ctl restart
+        assert r.returncode == 0 and r.stdout == "g: graceful restart of 1 worker(s) under way\n", r
+        overlap = status(sock)["workers"][0]  # the new one takes a second to be ready
+        assert overlap["main_pid"] == old and overlap["new_pid"] and pid_alive(overlap["new_pid"])
+        assert f"{old}+{overlap['new_pid']}" in ctl(sock, "status").stdout
+        [done] = wait_event(a, "graceful-done")
+        new = done["pid"]
+        assert done["old_pid"] == old and new == overlap["new_pid"]
+        wait_for(lambda: not pid_alive(old), 20, what="the old daemon to drain and exit")
+        assert load.wait_served(20, timeout=30)
+    report("graceful restart, Python notify daemon", load)
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
+    served_by = {line.split()[1] for line in map(bytes.decode, load.report.replies)}
+    assert {f"pid={old}", f"pid={new}"} <= served_by
+    assert records(a, "graceful-failed") == [] and [r["pid"] for r in records(a, "exit")] == [old]
+
+
+def test_failed_graceful_restart_keeps_the_old_daemon_serving(activator, tmp_path):
+    flag = tmp_path / "broken"
+    a, port, sock = serve(activator, tmp_path, generation_unit("--fail-if", str(flag)))
+    warm(port)
+    with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=90) as load:
+        assert load.wait_served(20, timeout=30)
+        [old] = main_pids(sock)
+        flag.touch()  # the new generation exits 1 at once
+        r = ctl(sock, "restart", "--graceful", "g")
+        assert r.returncode == 0, r
+        [failed] = wait_event(a, "graceful-failed")
+        assert "exited with status 1 before it was ready" in failed["reason"] and failed["pid"] == old
+        assert load.wait_served(20, timeout=30)
+    report("failed graceful restart", load)
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
+    assert main_pids(sock) == [old] and set(load.report.replies) == {f"g pid={old} worker=-".encode()}
+
+
+def test_second_graceful_restart_during_one_is_refused_and_sigterm_stops_both(activator, tmp_path):
+    a, port, sock = serve(activator, tmp_path, generation_unit("--ready-after", "30"))
+    with ClientLoad(("127.0.0.1", port), clients=1, max_seconds=60):
+        wait_for(lambda: main_pids(sock), 20, what="the daemon")
+    # (the first daemon is slow to be ready too, which does not matter: it already holds the socket)
+    [old] = main_pids(sock)
+    assert ctl(sock, "restart", "g").returncode == 0
+    new = wait_for(lambda: status(sock)["workers"][0]["new_pid"], 20, what="the new daemon")
+    r = ctl(sock, "restart", "--graceful", "g")
+    assert r.returncode == 1 and r.stderr == "activator ctl: error: g: a graceful restart is already under way\n"
+    assert a.stop() == 0
+    assert not pid_alive(old) and not pid_alive(new)
+    assert sorted(r["pid"] for r in records(a, "exit")) == sorted([old, new])
+
+
+def test_scale_2_4_1_under_load_refuses_nothing(activator, tmp_path):
+    a, port, sock = serve(activator, tmp_path, generation_unit(workers=2))
+    warm(port)
+    with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=90) as load:
+        assert load.wait_served(20, timeout=30)
+        wait_for(lambda: len(main_pids(sock)) == 2, 20, what="2 workers")
+        r = ctl(sock, "scale", "g", "4")
+        assert r.returncode == 0 and r.stdout == "g: 2 -> 4 workers\n", r
+        four = wait_for(lambda: len(main_pids(sock)) == 4 and main_pids(sock), 20, what="4 workers")
+        assert load.wait(lambda rep: {f"worker={k}".encode() for k in range(4)} <=
+                         {line.split()[2] for line in rep.replies}, timeout=30), load.report.replies
+        assert ctl(sock, "scale", "g", "1").stdout == "g: 4 -> 1 workers\n"
+        wait_for(lambda: not any(pid_alive(p) for p in four[1:]), 20, what="workers 1-3 to exit")
+        assert main_pids(sock) == four[:1]
+        assert load.wait_served(20, timeout=30)
+    report("scale 2 -> 4 -> 1", load)
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
+    envs = {line.split()[1]: line.split()[2] for line in map(bytes.decode, load.report.replies)}
+    assert envs[f"pid={four[0]}"] == "worker=0"
+    assert [r["to"] for r in records(a, "scale")] == [4, 1]
+
+
+def test_graceful_restart_of_nbdkit_under_load_refuses_nothing(activator, tmp_path):
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit is not installed")
+    body = ('service.exec-start = ["nbdkit", "memory", "1M"]\nservice.restart-style = "graceful"\n'
+            'service.graceful-ready-sec = "500ms"\n')
+    a, port, sock = serve(activator, tmp_path, body, name="g")
+    warm(port)
+    with ClientLoad(("127.0.0.1", port), clients=4, request=b"", reply_bytes=16, max_seconds=90) as load:
+        assert load.wait_served(20, timeout=30)
+        [old] = main_pids(sock)
+        assert ctl(sock, "restart", "g").returncode == 0
+        [done] = wait_event(a, "graceful-done")
+        wait_for(lambda: not pid_alive(old), 20, what="the old nbdkit to exit")
+        assert load.wait_served(20, timeout=30)
+    report("graceful restart, nbdkit", load)
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
+    assert set(load.report.replies) == {b"NBDMAGICIHAVEOPT"} and main_pids(sock) == [done["pid"]]

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """A daemon for graceful restarts and workers: it answers each connection with its generation.
 
-Usage: generation.py TAG [--ready-after SECONDS] [--fail] [--hold SECONDS]
+Usage: generation.py TAG [--ready-after SECONDS] [--fail-if PATH] [--hold SECONDS]
 
 It takes its one socket from LISTEN_FDS (checking LISTEN_PID), accepts connections and
 answers each one, once the client has sent its request and half-closed, with
 ``TAG pid=PID worker=ACTIVATOR_WORKER\\n``. With NOTIFY_SOCKET it sends READY=1 once it
-is ready to serve (after --ready-after SECONDS). --fail: exit 1 at once, never ready.
+is ready to serve (after --ready-after SECONDS). --fail-if PATH: exit 1 at once, never
+ready, when PATH exists (a new generation that cannot start).
 --hold: keep each connection that long before answering (connections in flight).
 
 It drains on SIGTERM, as docs/restarts.md asks of a daemon: it stops accepting (the
@@ -36,7 +37,7 @@ def main() -> int:
     tag = args[0]
     ready_after = float(args[args.index("--ready-after") + 1]) if "--ready-after" in args else 0.0
     hold = float(args[args.index("--hold") + 1]) if "--hold" in args else 0.0
-    if "--fail" in args:
+    if "--fail-if" in args and os.path.exists(args[args.index("--fail-if") + 1]):
         return 1
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
         sys.stderr.write(f"generation.py: LISTEN_PID {os.environ.get('LISTEN_PID')} is not {os.getpid()}\n")
