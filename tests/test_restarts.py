@@ -309,14 +309,14 @@ def report(what: str, load) -> None:
 
 
 def test_graceful_restart_of_a_notify_daemon_under_load_refuses_nothing(activator, tmp_path):
-    a, port, sock = serve(activator, tmp_path, generation_unit("--ready-after", "1"))
+    a, port, sock = serve(activator, tmp_path, generation_unit("--ready-after", "3"))
     warm(port)
     with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=90) as load:
         assert load.wait_served(20, timeout=30)
         [old] = main_pids(sock)
         r = ctl(sock, "restart", "g")  # restart-style = graceful: the default of ctl restart
         assert r.returncode == 0 and r.stdout == "g: graceful restart of 1 worker(s) under way\n", r
-        overlap = status(sock)["workers"][0]  # the new one takes a second to be ready
+        overlap = status(sock)["workers"][0]  # the new one takes 3 s to be ready
         assert overlap["main_pid"] == old and overlap["new_pid"] and pid_alive(overlap["new_pid"])
         assert f"{old}+{overlap['new_pid']}" in ctl(sock, "status").stdout
         [done] = wait_event(a, "graceful-done")
