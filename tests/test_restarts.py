@@ -21,8 +21,8 @@ import pytest
 from activator.loadgen import ClientLoad
 from activator.units import ServiceSpec
 
-from conftest import connect, free_port, pid_alive, wait_for
-from test_engine import FIRST_PID, FakeHost, Harness, make_unit, trigger
+from conftest import connect, free_port, json_events, pid_alive, wait_for
+from test_engine import FIRST_PID, FakeHost, Harness, harness, make_unit, trigger  # noqa: F401 (harness)
 
 PY = sys.executable
 DAEMONS = Path(__file__).parent / "daemons"
@@ -46,21 +46,6 @@ class EnvHost(FakeHost):
     start = spawn
 
 
-@pytest.fixture
-def harness(monkeypatch):
-    made = []
-
-    def make(units, **kw):
-        monkeypatch.setattr("test_engine.FakeHost", EnvHost)
-        h = Harness(units, **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
 def running(h: Harness, name="u") -> list[int]:
     """Every main pid of the unit: its workers' and the new daemons of a graceful restart."""
     return sorted(s.main_pid for s in h.engine.states() if s.name == name and s.main_pid)
@@ -77,7 +62,7 @@ def terms(h: Harness) -> list[int]:
 
 
 def test_graceful_restart_overlaps_until_ready_then_stops_the_old_one(harness):
-    h = harness([make_unit(type="notify")])
+    h = harness([make_unit(type="notify")], host=EnvHost())
     trigger(h)
     old = h.unit()
     old_pid = old.main_pid
@@ -97,7 +82,7 @@ def test_graceful_restart_overlaps_until_ready_then_stops_the_old_one(harness):
 
 
 def test_graceful_restart_of_a_simple_daemon_waits_graceful_ready_sec(harness):
-    h = harness([make_unit(graceful_ready_sec=2.0)])
+    h = harness([make_unit(graceful_ready_sec=2.0)], host=EnvHost())
     trigger(h)
     old_pid = h.unit().main_pid
     h.engine.graceful_restart(h.unit())
@@ -109,7 +94,7 @@ def test_graceful_restart_of_a_simple_daemon_waits_graceful_ready_sec(harness):
 
 @pytest.mark.parametrize("how", ["exits", "timeout", "spawn-error"])
 def test_failed_graceful_restart_leaves_the_old_daemon_serving(harness, how):
-    h = harness([make_unit(type="notify", timeout_start=5.0)])
+    h = harness([make_unit(type="notify", timeout_start=5.0)], host=EnvHost())
     trigger(h)
     old = h.unit()
     old_pid = old.main_pid
@@ -137,7 +122,7 @@ def test_failed_graceful_restart_leaves_the_old_daemon_serving(harness, how):
 
 
 def test_stop_during_the_overlap_stops_both_generations(harness):
-    h = harness([make_unit(type="notify")])
+    h = harness([make_unit(type="notify")], host=EnvHost())
     trigger(h)
     old = h.unit()
     h.engine.graceful_restart(old)
@@ -150,7 +135,7 @@ def test_stop_during_the_overlap_stops_both_generations(harness):
 
 
 def test_old_daemon_exiting_during_the_overlap_is_not_restarted(harness):
-    h = harness([make_unit(type="notify", restart="always", restart_sec=0.0)])
+    h = harness([make_unit(type="notify", restart="always", restart_sec=0.0)], host=EnvHost())
     trigger(h)
     old = h.unit()
     h.engine.graceful_restart(old)
@@ -163,7 +148,7 @@ def test_old_daemon_exiting_during_the_overlap_is_not_restarted(harness):
 
 
 def test_workers_start_together_each_with_its_index_and_restart_on_their_own(harness):
-    h = harness([make_unit(workers=3, restart="always", restart_sec=0.0)])
+    h = harness([make_unit(workers=3, restart="always", restart_sec=0.0)], host=EnvHost())
     trigger(h)
     pids = running(h)
     assert len(pids) == 3
@@ -177,7 +162,7 @@ def test_workers_start_together_each_with_its_index_and_restart_on_their_own(har
 
 
 def test_workers_are_armed_again_only_once_all_have_exited(harness):
-    h = harness([make_unit(workers=2)])
+    h = harness([make_unit(workers=2)], host=EnvHost())
     trigger(h)
     a, b = running(h)
     h.reap(a)
@@ -189,7 +174,7 @@ def test_workers_are_armed_again_only_once_all_have_exited(harness):
 
 
 def test_scale_up_and_down(harness):
-    h = harness([make_unit(workers=2)])
+    h = harness([make_unit(workers=2)], host=EnvHost())
     trigger(h)
     assert h.engine.scale_unit(h.unit(), 4) == (True, "2 -> 4 workers")
     pids = running(h)
@@ -203,7 +188,7 @@ def test_scale_up_and_down(harness):
 
 
 def test_graceful_restart_of_workers_replaces_one_at_a_time(harness):
-    h = harness([make_unit(workers=3, type="notify")])
+    h = harness([make_unit(workers=3, type="notify")], host=EnvHost())
     trigger(h)
     old = running(h)
     h.engine.graceful_restart(h.unit())
@@ -221,7 +206,7 @@ def test_graceful_restart_of_workers_replaces_one_at_a_time(harness):
 def test_reload_changing_workers_only_scales_and_a_graceful_reload_overlaps(harness):
     port = free_port()
     current = [make_unit(port=port, workers=2, type="notify", restart_style="graceful")]
-    h = harness(current, reloader=lambda: current)
+    h = harness(current, reloader=lambda: current, host=EnvHost())
     trigger(h)
     first = running(h)
     unit = current[0]
@@ -270,21 +255,8 @@ def status(sock: Path, name: str = "g") -> dict:
     return json.loads(r.stdout)["units"][0]
 
 
-def records(a, event: str) -> list[dict]:
-    """activator's JSON log records of ``event``."""
-    found = []
-    for line in a.log.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a daemon's own stderr
-        if record.get("event") == event:
-            found.append(record)
-    return found
-
-
 def wait_event(a, event: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
-    return wait_for(lambda: len(records(a, event)) >= count and records(a, event), timeout, what=f"{count} {event}")
+    return wait_for(lambda: len(json_events(a, event)) >= count and json_events(a, event), timeout, what=f"{count} {event}")
 
 
 def main_pids(sock: Path) -> list[int]:
@@ -328,7 +300,7 @@ def test_graceful_restart_of_a_notify_daemon_under_load_refuses_nothing(activato
     assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
     served_by = {line.split()[1] for line in map(bytes.decode, load.report.replies)}
     assert {f"pid={old}", f"pid={new}"} <= served_by
-    assert records(a, "graceful-failed") == [] and [r["pid"] for r in records(a, "exit")] == [old]
+    assert json_events(a, "graceful-failed") == [] and [r["pid"] for r in json_events(a, "exit")] == [old]
 
 
 def test_failed_graceful_restart_keeps_the_old_daemon_serving(activator, tmp_path):
@@ -361,7 +333,7 @@ def test_second_graceful_restart_during_one_is_refused_and_sigterm_stops_both(ac
     assert r.returncode == 1 and r.stderr == "activator ctl: error: g: a graceful restart is already under way\n"
     assert a.stop() == 0
     assert not pid_alive(old) and not pid_alive(new)
-    assert sorted(r["pid"] for r in records(a, "exit")) == sorted([old, new])
+    assert sorted(r["pid"] for r in json_events(a, "exit")) == sorted([old, new])
 
 
 def test_scale_2_4_1_under_load_refuses_nothing(activator, tmp_path):
@@ -383,7 +355,7 @@ def test_scale_2_4_1_under_load_refuses_nothing(activator, tmp_path):
     assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
     envs = {line.split()[1]: line.split()[2] for line in map(bytes.decode, load.report.replies)}
     assert envs[f"pid={four[0]}"] == "worker=0"
-    assert [r["to"] for r in records(a, "scale")] == [4, 1]
+    assert [r["to"] for r in json_events(a, "scale")] == [4, 1]
 
 
 def test_graceful_restart_of_nbdkit_under_load_refuses_nothing(activator, tmp_path):
@@ -401,5 +373,8 @@ def test_graceful_restart_of_nbdkit_under_load_refuses_nothing(activator, tmp_pa
         wait_for(lambda: not pid_alive(old), 20, what="the old nbdkit to exit")
         assert load.wait_served(20, timeout=30)
     report("graceful restart, nbdkit", load)
-    assert load.report.refused == 0 and load.report.failed == 0, load.report.errors
+    # nbdkit does not drain: on SIGTERM it closes the connections it has accepted and not answered yet
+    # (docs/restarts.md). At most the one each client has in flight then; none is refused.
+    assert load.report.refused == 0 and load.report.failed <= 4, load.report.errors
+    assert set(load.report.errors) <= {"no reply (EOF)"}, load.report.errors
     assert set(load.report.replies) == {b"NBDMAGICIHAVEOPT"} and main_pids(sock) == [done["pid"]]
