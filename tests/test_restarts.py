@@ -191,11 +191,14 @@ def test_graceful_restart_of_workers_replaces_one_at_a_time(harness):
     h = harness([make_unit(workers=3, type="notify")], host=EnvHost())
     trigger(h)
     old = running(h)
+    sockets = [h.host.envs[p]["NOTIFY_SOCKET"] for p in old]
+    assert len(set(sockets)) == 3  # each worker its own: its READY=1 and MAINPID= are its own
     h.engine.graceful_restart(h.unit())
     for k in range(3):
         assert len(running(h)) == 4 and len(terms(h)) == k  # one new daemon at a time: never below N
         [new] = [s for s in h.engine.states() if s.replaces is not None]
         assert new.worker == k and h.host.envs[new.main_pid]["ACTIVATOR_WORKER"] == str(k)
+        assert h.host.envs[new.main_pid]["NOTIFY_SOCKET"] == sockets[k]  # its worker's, told apart by pid
         ready(h, new)
         assert terms(h)[-1] == old[k]
         h.reap(old[k])
@@ -356,6 +359,7 @@ def test_scale_2_4_1_under_load_refuses_nothing(activator, tmp_path):
     envs = {line.split()[1]: line.split()[2] for line in map(bytes.decode, load.report.replies)}
     assert envs[f"pid={four[0]}"] == "worker=0"
     assert [r["to"] for r in json_events(a, "scale")] == [4, 1]
+    assert set(four) <= {r["pid"] for r in json_events(a, "ready")}  # each worker's READY=1 counted as its own
 
 
 def test_graceful_restart_of_nbdkit_under_load_refuses_nothing(activator, tmp_path):
@@ -378,3 +382,29 @@ def test_graceful_restart_of_nbdkit_under_load_refuses_nothing(activator, tmp_pa
     assert load.report.refused == 0 and load.report.failed <= 4, load.report.errors
     assert set(load.report.errors) <= {"no reply (EOF)"}, load.report.errors
     assert set(load.report.replies) == {b"NBDMAGICIHAVEOPT"} and main_pids(sock) == [done["pid"]]
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('socket.accept = true\nservice.workers = 2\n', "service.workers"),
+    ('socket.accept = true\nservice.restart-style = "graceful"\n', "service.restart-style"),
+    ('service.proxy-to = "127.0.0.1:9"\nservice.workers = 2\n', "service.workers"),
+])
+def test_check_refuses_workers_and_graceful_without_a_daemon_that_takes_the_sockets(tmp_path, extra, key):
+    unit = tmp_path / "u.toml"
+    unit.write_text(f'[u]\nsocket.listen-stream = "127.0.0.1:{free_port()}"\nservice.exec-start = ["cat"]\n{extra}')
+    r = subprocess.run([PY, "-m", "activator", "check", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"u: {key}: " in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctl_scale_refuses_bad_counts_and_accept_units(activator, tmp_path):
+    a, port, sock = serve(activator, tmp_path, 'socket.accept = true\nservice.exec-start = ["cat"]\n'
+                                               'service.standard-input = "socket"\n')
+    r = ctl(sock, "scale", "g", "0")
+    assert r.returncode == 2 and "Invalid value for 'WORKERS'" in r.stderr
+    r = ctl(sock, "scale", "g", "2")
+    assert r.returncode == 1 and r.stderr == ("activator ctl: error: g: needs accept = false and no proxy-to "
+                                              "(a daemon that gets the sockets)\n")
+    r = ctl(sock, "restart", "--graceful", "g")
+    assert r.returncode == 1 and "needs accept = false" in r.stderr
+    assert ctl(sock, "scale", "nope", "2").returncode == 3
