@@ -1170,8 +1170,8 @@ class Engine:
         if self.stopping or us.retired or us.failed:
             return
         if us.replaces is not None:
-            why = f"no READY=1 within {us.unit.service.timeout_start:g}s" if us.forced == "timeout" else how
-            self._graceful_failed(us, f"the new daemon {why} before it was ready" if us.forced != "timeout" else why)
+            self._graceful_failed(us, f"no READY=1 within {us.unit.service.timeout_start:g}s" if us.forced == "timeout"
+                                  else f"the new daemon {how} before it was ready")
             return
         if us.successor is not None:
             return  # its new daemon is starting: the unit carries on with it, or is started again if it fails
@@ -1498,6 +1498,7 @@ class Engine:
             self.restart_unit(lead)
             return True, "not running: started as a plain restart"
         lead.rolling = list(running)
+        lead.stats.restarts += 1
         self._graceful_next(lead)
         return True, f"graceful restart of {len(running)} worker(s) under way"
 
@@ -1689,9 +1690,6 @@ class Engine:
         new_by_name = {u.name: u for u in new_units}
         keep_as_is = {u.name for u in new_units if u.name in old and _same_but_workers(old[u.name].unit, u)
                       and not old[u.name].failed and not old[u.name].skipped}  # a skipped unit's conditions are checked again
-        for name, us in old.items():
-            if name not in keep_as_is:  # a graceful restart under way ends: the unit changes again, or goes
-                self._abort_graceful(us, "the unit changed again (reload)")
         # Sockets of units that change or go are a pool the new units take theirs from.
         retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
         held = {id(ss.bound) for us in old.values() for ss in us.sockets}
@@ -1743,6 +1741,9 @@ class Engine:
             return ReloadResult(False, errors=errors)
         for b in fresh:
             b.commit()
+        for name, us in old.items():
+            if name not in keep_as_is:  # a graceful restart under way ends: the unit changes again, or goes
+                self._abort_graceful(us, "the unit changed again (reload)")
         # Commit: nothing below can fail for a reason the user could fix.
         taken = {id(b) for _, _, bound in plans for b in bound}
         units: dict[str, UnitState] = {}

@@ -408,3 +408,25 @@ def test_ctl_scale_refuses_bad_counts_and_accept_units(activator, tmp_path):
     r = ctl(sock, "restart", "--graceful", "g")
     assert r.returncode == 1 and "needs accept = false" in r.stderr
     assert ctl(sock, "scale", "nope", "2").returncode == 3
+
+
+def test_reload_changing_the_unit_during_a_graceful_restart_ends_it(harness):
+    port = free_port()
+    current = [make_unit(port=port, type="notify")]
+    h = harness(current, reloader=lambda: current, host=EnvHost())
+    trigger(h)
+    old = h.unit()
+    old_pid = old.main_pid
+    h.engine.graceful_restart(old)
+    new_pid = old.successor.main_pid
+    unit = current[0]
+    current[:] = [type(unit)(name="u", sockets=unit.sockets, service=ServiceSpec(argv=["/bin/false"], type="notify"))]
+    assert h.engine.reload().changed == ["u"]
+    assert sorted(terms(h)) == [old_pid, new_pid]  # the new daemon of the restart, and the old one (stop-first)
+    [failed] = [e for e in h.events if e["event"] == "graceful-failed"]
+    assert failed["reason"] == "the unit changed again (reload)"
+    h.reap(new_pid)
+    h.reap(old_pid)
+    h.poll()
+    # the connection still in the backlog (nothing accepts here) starts the new configuration
+    assert h.unit().unit.service.argv == ["/bin/false"] and h.unit().main_pid not in (None, old_pid, new_pid)
