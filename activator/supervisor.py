@@ -872,8 +872,9 @@ class Engine:
         self.notify.started(us, pid)
         if not proxy:
             self._disarm(us.leader or us)
-        self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid,
-                      **self._worker_field(us))
+        worker = self._worker_field(us)
+        self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}" +
+                      (f" (worker {us.worker})" if worker else ""), unit=us.name, pid=pid, **worker)
         self.publish("started", us, pid=pid)
         self.proxy.started(us)
         if us.unit.service.type != "notify":
