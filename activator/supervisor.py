@@ -1425,6 +1425,7 @@ class Engine:
         state = self._plan_state(unit, bound)
         self._claim_sockets(state)
         state.worker = worker
+        state.ordered_after = like.ordered_after  # (set by _link_order for the units in self.units)
         lead = like.leader or like
         state.leader = None if worker == 0 else lead
         if like.worker == worker:
