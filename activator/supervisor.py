@@ -1796,6 +1796,7 @@ class Engine:
             if state.waiting_for is None:
                 self.loop.dispatch(partial(self._activate, state), state)
         for prev, state in graceful:
+            state.ordered_after = prev.ordered_after  # prev is the one in self.units until the switch
             prev.rolling = [w.worker for w in prev.group if w.worker and w.main_pid is not None]
             prev.rolling.insert(0, 0)
             prev.target_workers = state.unit.service.workers
