@@ -1471,9 +1471,14 @@ class Engine:
         return None
 
     def _remove_worker(self, lead: UnitState, w: UnitState) -> None:
+        rolling, target = lead.rolling, lead.target_workers
+        replacing = w.successor is not None
         self._abort_graceful_of(w, "its worker was removed")
         lead.workers.remove(w)
         self._retire_state(w)
+        if replacing and rolling:  # a graceful restart of the workers goes on with the next one
+            lead.rolling, lead.target_workers = rolling, target
+            self._graceful_next(lead)
 
     def _retire_state(self, us: UnitState) -> None:
         """One state ends: not started again, its processes stopped (its sockets stay open while they drain)."""

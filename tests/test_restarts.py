@@ -430,3 +430,17 @@ def test_reload_changing_the_unit_during_a_graceful_restart_ends_it(harness):
     h.poll()
     # the connection still in the backlog (nothing accepts here) starts the new configuration
     assert h.unit().unit.service.argv == ["/bin/false"] and h.unit().main_pid not in (None, old_pid, new_pid)
+
+
+def test_scale_down_during_a_rolling_restart_goes_on_with_the_workers_left(harness):
+    h = harness([make_unit(workers=3, type="notify")], host=EnvHost())
+    trigger(h)
+    old = running(h)
+    h.engine.graceful_restart(h.unit())
+    [new0] = [s for s in h.engine.states() if s.replaces is not None]
+    ready(h, new0)
+    [new1] = [s for s in h.engine.states() if s.replaces is not None]
+    assert new1.worker == 1
+    assert h.engine.scale_unit(h.unit(), 1) == (True, "3 -> 1 workers")  # worker 1 (and its new daemon) and 2 go
+    assert set(terms(h)) == {old[0], old[1], old[2], new1.main_pid}
+    assert [s.worker for s in h.unit().group] == [0] and h.unit() is new0 and h.unit().rolling == []
