@@ -687,6 +687,8 @@ class ControlServer:
         if us.state == "stopping":
             return False, "still stopping; start it once it has stopped"
         if us.main_pid is not None:
+            if len(us.group) > 1 and engine.start_unit(us):
+                return True, "started the workers that were not running"
             return True, f"already running as pid {us.main_pid}"
         if us.waiting_for is not None:
             return False, "waiting for its previous generation to stop"

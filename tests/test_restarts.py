@@ -444,3 +444,14 @@ def test_scale_down_during_a_rolling_restart_goes_on_with_the_workers_left(harne
     assert h.engine.scale_unit(h.unit(), 1) == (True, "3 -> 1 workers")  # worker 1 (and its new daemon) and 2 go
     assert set(terms(h)) == {old[0], old[1], old[2], new1.main_pid}
     assert [s.worker for s in h.unit().group] == [0] and h.unit() is new0 and h.unit().rolling == []
+
+
+def test_start_unit_starts_the_workers_that_do_not_run(harness):
+    h = harness([make_unit(workers=2)], host=EnvHost())
+    trigger(h)
+    a, b = running(h)
+    h.reap(b)  # restart = no: worker 1 stays down while worker 0 runs
+    h.poll()
+    assert running(h) == [a] and not h.unit().armed
+    assert h.engine.start_unit(h.unit()) is True
+    assert len(running(h)) == 2 and h.host.envs[max(running(h))]["ACTIVATOR_WORKER"] == "1"
