@@ -1269,6 +1269,8 @@ class Engine:
         preserve = us.unit.service.runtime_directory_preserve
         if preserve == "yes" or (preserve == "restart" and us.restart_pending):
             return
+        if any(s is not us and s.name == us.name and s.has_processes() for s in self.states()):
+            return  # another worker, or the other generation of a graceful restart, still runs in them
         for d in us.directories:
             if d.kind != "runtime":
                 continue

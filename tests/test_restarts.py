@@ -9,6 +9,7 @@ restart.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -455,3 +456,27 @@ def test_start_unit_starts_the_workers_that_do_not_run(harness):
     assert running(h) == [a] and not h.unit().armed
     assert h.engine.start_unit(h.unit()) is True
     assert len(running(h)) == 2 and h.host.envs[max(running(h))]["ACTIVATOR_WORKER"] == "1"
+
+
+def test_runtime_directory_stays_while_another_generation_or_worker_runs(harness, tmp_path):
+    name = f"activator-test-{os.getpid()}-{tmp_path.name}"
+    path = Path("/run") / name
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs a writable /run")
+    h = harness([make_unit(workers=2, type="notify", runtime_directory=[name])], host=EnvHost())
+    try:
+        trigger(h)
+        a, b = running(h)
+        assert path.is_dir()
+        h.reap(b)  # worker 1 ends: worker 0 still runs in it
+        assert path.is_dir()
+        h.engine.graceful_restart(h.unit())
+        new = h.unit().successor
+        ready(h, new)
+        h.reap(a)  # the old generation ends: the new one runs in it
+        assert path.is_dir()
+        h.reap(new.main_pid)
+        assert not path.exists()  # the last one gone: removed, as for any stop
+    finally:
+        for leftover in Path("/run").glob(f"*{name}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
