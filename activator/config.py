@@ -445,6 +445,14 @@ class _UnitLoader:
         if have_service and svc.standard_output == "socket" and not unit.accept:
             self.error("service.standard-output", "'socket' needs accept = true in the socket part",
                        "standard-output")
+        if have_service and (unit.accept or unit.proxy):
+            what = "accept = true starts one instance per connection" if unit.accept else \
+                "a proxy unit's daemon binds its own port"
+            if svc.workers > 1:
+                self.error("service.workers", f"needs a daemon that gets the sockets: {what}", "workers")
+            if svc.restart_style == "graceful":
+                self.error("service.restart-style", f"graceful needs a daemon that gets the sockets: {what}",
+                           "restart-style")
 
 
     def check_proxy(self, unit: Unit) -> None:

@@ -555,16 +555,23 @@ def unit_status(engine: Engine, us: UnitState, stats: dict[str, Any] | None) -> 
             "status": st.last_exit, "code": st.last_exit_code, "time": st.last_exit_time,
         },
         "processes": stats,
+        "workers": [{"worker": w.worker, "state": w.state, "main_pid": w.main_pid,
+                     "new_pid": w.successor.main_pid if w.successor is not None else None} for w in us.group],
     }
+
+
+def _unit_pids(us: UnitState) -> set[int]:
+    """Every process of the unit: each worker's, and the new daemons of a graceful restart."""
+    return {pid for w in us.group for s in (w, w.successor) if s is not None for pid in s.pids()}
 
 
 def status_snapshot(engine: Engine, sampler: ProcessSampler, started: float,
                     names: list[str] | None = None) -> dict[str, Any]:
     """The result of a status request for ``names`` (every unit when None)."""
     selected = [engine.units[n] for n in names] if names else list(engine.units.values())
-    tree = sampler.tree() if any(us.has_processes() for us in selected) else processes.EMPTY_TREE
+    tree = sampler.tree() if any(_unit_pids(us) for us in selected) else processes.EMPTY_TREE
     budget = [SAMPLE_MAX]
-    units = [unit_status(engine, us, sampler.sample(us.name, set(us.pids()), tree, budget)) for us in selected]
+    units = [unit_status(engine, us, sampler.sample(us.name, _unit_pids(us), tree, budget)) for us in selected]
     sampler.forget_except(set(engine.units))
     return {
         "activator": {
@@ -595,6 +602,7 @@ class ControlServer:
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": self._status, "start": self._start, "stop": self._stop, "restart": self._restart,
             "reload": self._reload, "shutdown": self._shutdown,
+            "scale": self._scale,
         }
 
     def start(self) -> None:
@@ -679,6 +687,8 @@ class ControlServer:
         if us.state == "stopping":
             return False, "still stopping; start it once it has stopped"
         if us.main_pid is not None:
+            if len(us.group) > 1 and engine.start_unit(us):
+                return True, "started the workers that were not running"
             return True, f"already running as pid {us.main_pid}"
         if us.waiting_for is not None:
             return False, "waiting for its previous generation to stop"
@@ -703,8 +713,13 @@ class ControlServer:
         return self._each(request, stop_one)
 
     def _restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        mode = request.get("mode")
+
         def restart_one(us: UnitState) -> tuple[bool, str]:
-            had = us.pids()
+            style = mode or ("graceful" if us.unit.service.restart_style == "graceful" else "stop-first")
+            if style == "graceful":
+                return self.engine.graceful_restart(us)
+            had = [pid for w in us.group for pid in w.pids()]
             self.engine.restart_unit(us)
             if had:
                 return True, f"stopping {len(had)} process(es), then starting again"
@@ -713,6 +728,12 @@ class ControlServer:
             return (us.unit.accept or us.state == "listening"), f"state {us.state}"
 
         return self._each(request, restart_one)
+
+    def _scale(self, request: dict[str, Any]) -> dict[str, Any]:
+        count = request.get("workers")
+        if type(count) is not int:
+            raise ControlError("bad-request", "scale needs workers, an integer")
+        return self._each(request, lambda us: self.engine.scale_unit(us, count))
 
     def _reload(self, request: dict[str, Any]) -> dict[str, Any]:
         self._not_stopping()
@@ -749,7 +770,8 @@ def _encode_error(request_id: Any, code: str, message: str) -> bytes:
     return json.dumps(_error_reply(request_id, code, message), separators=(",", ":")).encode() + b"\n"
 
 
-REQUEST_FIELDS = {"version", "command", "units", "disarm", "id"}
+REQUEST_FIELDS = {"version", "command", "units", "disarm", "mode", "workers", "id"}
+RESTART_MODES = ("graceful", "stop-first")
 
 
 def _parse_request(line: bytes, commands: dict[str, Any]) -> dict[str, Any]:
@@ -782,6 +804,10 @@ def _parse_request(line: bytes, commands: dict[str, Any]) -> dict[str, Any]:
         raise ControlError("bad-request", f"units must be a list of at most {UNITS_MAX} unit names")
     if type(request.get("disarm", False)) is not bool:
         raise ControlError("bad-request", "disarm must be true or false")
+    if request.get("mode") not in (None, *RESTART_MODES):
+        raise ControlError("bad-request", f"mode must be one of {', '.join(RESTART_MODES)}")
+    if "workers" in request and type(request["workers"]) is not int:
+        raise ControlError("bad-request", "workers must be an integer")
     return request
 
 

@@ -11,6 +11,8 @@ from typing import Any, Callable, NoReturn
 
 import click
 
+from .settings import WORKERS_MAX
+
 
 # ------------------------------------------------------------------ ctl
 def _fail(message: str, code: int) -> NoReturn:
@@ -99,8 +101,22 @@ ctl.command("stop", short_help="Stop daemons; the sockets stay held.")(click.opt
     "--disarm", is_flag=True, help="Do not listen on the sockets either, until `ctl start`.")(_unit_command(
         "stop", "Stop the processes of each UNIT, without restart=. Its sockets stay open and are listened on "
                 "again (connections then start it again), unless --disarm.")))
-ctl.command("restart", short_help="Stop daemons, then start them again.")(_unit_command(
-    "restart", "Stop the processes of each UNIT, then start it again (accept mode: listen again)."))
+ctl.command("restart", short_help="Restart daemons: stop first, or --graceful.")(
+    click.option("--graceful", "mode", flag_value="graceful", default=None,
+                 help="Start the new daemon beside the old one, stop the old one once the new one is ready.")(
+        click.option("--stop-first", "mode", flag_value="stop-first",
+                     help="Stop the daemon, then start it again (whatever restart-style says).")(_unit_command(
+            "restart", "Restart the daemon of each UNIT as its restart-style says (default: stop it, then start it "
+                       "again; accept mode: listen again), or as the option says."))))
+
+
+@ctl.command(short_help="Change the number of workers of a unit.")
+@click.argument("unit")
+@click.argument("workers", type=click.IntRange(1, WORKERS_MAX))
+@click.pass_context
+def scale(ctx: click.Context, unit: str, workers: int) -> None:
+    """Run WORKERS instances of UNIT's daemon (accept = false); the highest-numbered ones stop first."""
+    _report_units(_call(ctx, "scale", units=[unit], workers=workers))
 
 
 @ctl.command(short_help="Load the configuration again (as SIGHUP) and say what changed.")
@@ -163,11 +179,19 @@ def _last_exit(u: dict[str, Any], now: float) -> str:
     return f"{how}, {_duration(now - last['time'])} ago"
 
 
+def _pids(u: dict[str, Any]) -> str:
+    """The main pid; with workers each one's (comma-separated); during a graceful restart OLD+NEW."""
+    workers = u.get("workers") or []
+    if len(workers) <= 1 and not any(w["new_pid"] for w in workers):
+        return str(u["main_pid"] or "-")
+    return ",".join(str(w["main_pid"] or "-") + (f"+{w['new_pid']}" if w["new_pid"] else "") for w in workers)
+
+
 def _row(u: dict[str, Any], now: float) -> list[str]:
     c, p = u["counters"], u["processes"]
     stats = ["-"] * 5 if not p or not p["count"] else [
         f"{p['cpu_seconds']:.2f}s", f"{p['cpu_percent']:.1f}", _size(p["rss_bytes"]), str(p["open_fds"]), str(p["threads"])]
-    return [u["name"], _state(u), str(u["main_pid"] or "-"), str(u["instances"]), _duration(u["uptime"]),
+    return [u["name"], _state(u), _pids(u), str(u["instances"]), _duration(u["uptime"]),
             *(str(c[k]) for k in ("activations", "starts", "accepted", "refused", "denied", "restarts")),
             _last_exit(u, now), *stats, ", ".join(u["listen"])]
 

@@ -156,7 +156,8 @@ class Log:
         return LEVELS[level] >= self.threshold
 
     def emit(self, level: str, event: str, message: str, unit: str | None = None, pid: int | None = None,
-             collapse_key: str | None = None, collapse_what: str | None = None) -> None:
+             collapse_key: str | None = None, collapse_what: str | None = None,
+             fields: dict[str, Any] | None = None) -> None:
         """Log one event. With ``collapse_key`` (say, the client's address), repeats of the same
         event, unit and key within the collapse window are counted instead of written, and summed
         up as ``N more <collapse_what> from <collapse_key>`` (default what: ``'EVENT' events``)."""
@@ -164,7 +165,7 @@ class Log:
             return
         if collapse_key is not None and self._collapsed(level, event, unit, collapse_key, collapse_what):
             return
-        self._add(self._format(level, event, message, unit, pid))
+        self._add(self._format(level, event, message, unit, pid, fields=fields))
 
     def debug(self, event: str, message: str, **kw: Any) -> None:
         self.emit("debug", event, message, **kw)
@@ -179,7 +180,7 @@ class Log:
         self.emit("error", event, message, **kw)
 
     def _format(self, level: str, event: str, message: str, unit: str | None, pid: int | None,
-                count: int | None = None) -> bytes:
+                count: int | None = None, fields: dict[str, Any] | None = None) -> bytes:
         if self.json:
             import json  # only for --log-format json: text logs do without it
 
@@ -190,6 +191,8 @@ class Log:
             }
             if count is not None:
                 record["count"] = count
+            if fields:  # an event's own fields (a graceful restart's reason, a worker's index): after the common ones
+                record.update({k: v for k, v in fields.items() if k not in record})
             line = json.dumps(record, separators=(",", ":"))
         else:
             prefix = f"{self.prog}[{self.pid}]: "

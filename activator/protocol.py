@@ -22,7 +22,8 @@ LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 # Addressed to activator itself by its parent (sd_listen_fds(3), sd_notify(3), sd_watchdog_enabled(3)):
 # never passed on, since each daemon gets its own. The one list of them.
-STRIP_ENV = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")
+STRIP_ENV = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC",
+             "ACTIVATOR_WORKER")  # an activator started by another one: its worker index is not ours
 MAX_FDNAME = 255
 INT_MAX = 2**31 - 1
 LONG_MAX = 2**63 - 1

@@ -272,20 +272,25 @@ class NotifyHub:
         return not unit.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0
                                     or svc.notify_access in ("main", "exec", "all"))
 
+    @staticmethod
+    def _key(us) -> str:
+        """Whose socket: the unit's, or one per worker (``NAME/K``), so that each worker's messages are its own."""
+        return f"{us.name}/{us.worker}" if us.worker else us.name
+
     def _socket_for(self, us) -> NotifySocket:
-        sock = self.sockets.get(us.name)
+        key = self._key(us)
+        sock = self.sockets.get(key)
         uid, gid, _ = us.credentials
         if sock is not None and sock.owner == (uid, gid):
             return sock
         if sock is not None:  # the unit's user changed (a reload): a new socket for the new owner
-            self._close_socket(us.name)
+            self._close_socket(key)
         if self.directory is None:
             self.directory = _private_directory()
         self._counter += 1
         sock = NotifySocket(self.directory, f"n{self._counter}", (uid, gid))
-        self.sockets[us.name] = sock
-        name = us.name
-        self.loop.add_reader(sock.fileno(), lambda: self._on_readable(name, sock))
+        self.sockets[key] = sock
+        self.loop.add_reader(sock.fileno(), lambda: self._on_readable(key, sock))
         return sock
 
     def socket_address(self, us) -> str | None:
@@ -346,7 +351,8 @@ class NotifyHub:
     def drop_unit(self, name: str) -> None:
         """A unit removed by a reload: its stored descriptors are closed, its socket too."""
         self._drop_store(name)
-        self._close_socket(name)
+        for key in [k for k in self.sockets if k == name or k.startswith(name + "/")]:
+            self._close_socket(key)
 
     # ----------------------------------------------------------- internals
     def _close_socket(self, name: str) -> None:
@@ -395,23 +401,27 @@ class NotifyHub:
         self.log.warning("watchdog", f"watchdog timeout ({why}), sending SIGABRT", unit=us.name, pid=us.main_pid)
         self.engine.stop_unit(us, reason="watchdog", sig=signal.SIGABRT)
 
-    def _owner(self, name: str, pid: int):
-        """The unit ``name`` when ``pid`` is its main process or a descendant of it; else None.
+    def _owner(self, key: str, pid: int):
+        """The state of the unit (or worker) ``key`` whose main process ``pid`` is, or a descendant of it; else
+        None. During a graceful restart two states share the key: the old daemon and the new one.
 
         O(1) in the number of processes: our own pid table first, then a walk up the
         sender's ancestry, at most ANCESTRY_MAX steps of one /proc read each.
         """
-        us = self.engine.units.get(name)
-        if us is None or us.main_pid is None or not self.wants(us.unit):
-            return None
-        access = us.unit.service.notify_access
-        if access == "none":
+        name, _, worker = key.partition("/")
+        states = [us for us in self.engine.states_of(name, int(worker or 0))
+                  if us.main_pid is not None and self.wants(us.unit) and us.unit.service.notify_access != "none"]
+        if not states:
             return None
         owner = self.engine.unit_of_pid(pid)
         if owner is not None:
-            mine = owner is us and (pid == us.main_pid or access == "all" or (access == "exec" and pid in us.jobs))
-            return us if mine else None
-        if access in ("main", "exec"):
+            if owner not in states:
+                return None
+            access = owner.unit.service.notify_access
+            mine = pid == owner.main_pid or access == "all" or (access == "exec" and pid in owner.jobs)
+            return owner if mine else None
+        states = [us for us in states if us.unit.service.notify_access not in ("main", "exec")]
+        if not states:
             return None  # not a process of ours: only descendants are left, which these do not take
         if not self.strangers.allow(self.engine.clock()):
             return False  # a flood of messages from processes that are not ours: not even looked up
@@ -420,8 +430,10 @@ class NotifyHub:
             parent = processes.parent_of(current)
             if parent is None or parent <= 1:
                 return None
-            if parent == us.main_pid or (access == "all" and self.engine.unit_of_pid(parent) is us):
-                return us
+            for us in states:
+                access = us.unit.service.notify_access
+                if parent == us.main_pid or (access == "all" and self.engine.unit_of_pid(parent) is us):
+                    return us
             if self.engine.unit_of_pid(parent) is not None:
                 return None  # a process of ours that is not this unit's main process
             current = parent

@@ -31,6 +31,8 @@ from .records import dataclass
 from . import values as v
 from .units import BindSpec, InheritedSpec, ServiceSpec, Unit
 
+RESTART_STYLES = ("stop-first", "graceful")
+WORKERS_MAX = 1024
 RESTART_POLICIES = ("no", "on-success", "on-failure", "on-abnormal", "on-abort", "always")
 KILL_MODES = ("control-group", "mixed", "process", "none")
 SERVICE_TYPES = ("simple", "exec", "notify")
@@ -262,6 +264,18 @@ SETTINGS: tuple[Setting, ...] = (
     _service("file-descriptor-store-max", "file_descriptor_store_max", v.Int(0), "Descriptors the daemon may keep "
              "in activator with FDSTORE=1.", "FileDescriptorStoreMax", "service",
              flags=("--file-descriptor-store-max",)),
+    # ---------------------------------------------------------------- restarts and workers (docs/restarts.md)
+    Setting("restart-style", "service", "service", "restart_style", v.Choice(RESTART_STYLES), "How `ctl restart` "
+            "and a reload that changes the unit restart its daemon: stop it first, or `graceful`: start the new one "
+            "on the same sockets beside it and stop the old one once the new one is ready (accept = false).", None,
+            "unit", flags=("--restart-style",)),
+    Setting("graceful-ready-sec", "service", "service", "graceful_ready_sec",
+            v.Time(why="a new daemon that never counts as ready would never replace the old one"),
+            "Graceful restarts of type simple and exec: how long the new daemon must run to count as ready "
+            "(type notify: READY=1, within timeout-start-sec).", None, "unit", flags=("--graceful-ready-sec",)),
+    Setting("workers", "service", "service", "workers", v.Int(1, WORKERS_MAX), "Instances of the daemon that "
+            "share the sockets (accept = false), each with its own LISTEN_PID and ACTIVATOR_WORKER; a reload that "
+            "changes only this scales the unit.", None, "unit", flags=("--workers",)),
     # ---------------------------------------------------------------- proxy units (docs/proxy.md)
     Setting("proxy-to", "service", "service", "proxy_to", v.Backend(), "A daemon that binds its own port: "
             "activator accepts the connections (accept = false), starts the daemon on the first one and "

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from functools import partial
-from dataclasses import field
+from dataclasses import field, replace
 from typing import Any, Callable
 
 from .records import dataclass
@@ -41,6 +41,7 @@ from .protocol import STRIP_ENV, listen_environment
 from .proxy import Proxy
 from .ratelimit import RateLimit
 from .sdnotify import NotifyHub
+from .settings import WORKERS_MAX
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Command, Unit
@@ -207,10 +208,25 @@ class UnitState:
     ordered_after: tuple[str, ...] = ()  # the units its starts wait for (its after, and their before)
     up: bool = False  # the daemon is started, ready (type notify) and past exec-start-post
     skipped: str | None = None  # a condition or assertion that did not hold: not started until a reload
+    # Workers and graceful restarts (docs/restarts.md). Plain fields, so that the state can be handed over.
+    worker: int = 0  # this daemon's worker index (ACTIVATOR_WORKER); 0: the unit's own state, in Engine.units
+    leader: "UnitState | None" = None  # workers 1..N-1: the unit's state (worker 0), which holds the group
+    workers: list["UnitState"] = field(default_factory=list)  # on worker 0: the states of workers 1..N-1
+    successor: "UnitState | None" = None  # a graceful restart under way: the new daemon, not ready yet
+    replaces: "UnitState | None" = None  # on that new daemon's state: the state it replaces once ready
+    rolling: list[int] = field(default_factory=list)  # on worker 0: the workers a graceful restart has yet to replace
+    target_workers: int = 0  # on worker 0: the count a graceful reload scales to once done (0: keep)
+    ready_timer: TimerHandle | None = None  # graceful-ready-sec of a new simple or exec daemon
 
     @property
     def name(self) -> str:
         return self.unit.name
+
+    @property
+    def group(self) -> list["UnitState"]:
+        """The unit's workers, worker 0 first (one state for a unit with one worker)."""
+        lead = self.leader or self
+        return [lead, *lead.workers]
 
     def pids(self) -> list[int]:
         return ([self.main_pid] if self.main_pid else []) + list(self.instances) + list(self.leftovers) + \
@@ -316,6 +332,18 @@ class Engine:
         self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
 
+    def states(self) -> list[UnitState]:
+        """Every current state: each unit's workers and, during a graceful restart, their new daemons."""
+        return [s for us in self.units.values() for w in us.group for s in (w, w.successor) if s is not None]
+
+    def states_of(self, name: str, worker: int = 0) -> list[UnitState]:
+        """The states that run worker ``worker`` of the unit ``name``: the current one and, during a graceful
+        restart, the new one (for the notify hub: whose messages come on that worker's socket)."""
+        us = self.units.get(name)
+        if us is None:
+            return []
+        return [s for w in us.group if w.worker == worker for s in (w, w.successor) if s is not None]
+
     # ----------------------------------------------------------------- events
     def publish(self, event: str, us: UnitState | None = None, **data: Any) -> None:
         """Tell every listener (control interface, metrics, tests) what happened; they must not raise."""
@@ -388,6 +416,7 @@ class Engine:
                 us = self._plan_state(unit, mine)
                 self._claim_sockets(us)
                 self.units[unit.name] = us
+                self._add_workers(us, unit.service.workers)
                 for fd, b in enumerate(mine, start=3):
                     if b.spec.address is not None:
                         where = f"proxied to {unit.service.proxy_to}" if unit.proxy else f"as fd {fd}"
@@ -465,9 +494,17 @@ class Engine:
 
     def _activate(self, us: UnitState) -> None:
         if us.unit.start_now and not us.unit.accept:
-            self._start(us)
+            self._start_group(us)
         else:
             self._arm(us)
+
+    def _start_group(self, us: UnitState) -> bool:
+        """Start every worker of the unit that does not run (all N start on the first connection)."""
+        started = False
+        for w in us.group:
+            if w.main_pid is None and w.start_job is None and not w.leftovers:
+                started = self._start(w) or started
+        return started
 
     # ---------------------------------------------------------------- faults
     def _on_fault(self, owner: object, exc: BaseException) -> None:
@@ -497,7 +534,7 @@ class Engine:
         try:
             tree = self._tree()
             for sig, grace in ((None, 5.0), (signal.SIGKILL, FINAL_GRACE)):
-                for us in self.units.values():
+                for us in self.states():
                     self._signal_unit(us, sig or us.unit.service.kill_signal, tree)
                 deadline = time.monotonic() + grace
                 while self.pids and time.monotonic() < deadline:
@@ -565,19 +602,23 @@ class Engine:
             self._forward(sig)
 
     def _forward(self, sig: int) -> None:
-        for us in self.units.values():
+        for us in self.states():
             for pid in us.pids():
                 self.host.kill(pid, sig)
         self.log.debug("forward", f"forwarded {signal.Signals(sig).name}")
 
     # ------------------------------------------------------------ arming
     def _arm(self, us: UnitState) -> None:
+        if us.replaces is not None or us.retired:
+            return  # a new daemon of a graceful restart: the state it replaces holds the sockets
+        us = us.leader or us  # a unit's sockets are watched by its worker 0, for the whole group
         if self.stopping or us.retired or us.failed or us.held or us.skipped or us.waiting_for is not None \
-                or us.start_job is not None:
+                or us.start_job is not None or us.successor is not None:
             return
         if self.clock() < us.paused_until:
             return
-        if (us.main_pid is not None or us.leftovers) and not us.unit.proxy:
+        if any(w.main_pid is not None or w.leftovers or w.start_job is not None for w in us.group) \
+                and not us.unit.proxy:
             return  # the daemon has the sockets (a proxy unit keeps accepting for its daemon)
         for ss in us.sockets:
             if not ss.armed:
@@ -628,12 +669,15 @@ class Engine:
             return
         us.stats.activations += 1
         self.log.debug("trigger", f"incoming traffic on {ss.bound.spec.label}", unit=us.name)
-        self._start(us)
+        self._start_group(us)
 
     def _service_env(self, us: UnitState, n_fds: int, names: list[str] | None) -> dict[str, str]:
         env = dict(us.base_env)
         if n_fds:  # a proxy unit's daemon binds its own port: no LISTEN_FDS=0 for it
             env.update(listen_environment(n_fds, names))
+        current = us.replaces or us
+        if us.worker or len(current.group) > 1 or us.unit.service.workers > 1:
+            env["ACTIVATOR_WORKER"] = str(us.worker)
         return env
 
     def _spawn(self, us: UnitState, fds: list[int], env: dict[str, str] | list[bytes], conn: int | None) -> int:
@@ -797,6 +841,9 @@ class Engine:
         us.stats.start_failures += 1
         self.log.error("start-failed", f"cannot start: {reason}", unit=us.name)
         self.jobs.went_down(us)
+        if us.replaces is not None:
+            self._graceful_failed(us, f"cannot start: {reason}")
+            return
         if self.exit_with_service:
             self.stop(code)
             return
@@ -826,8 +873,10 @@ class Engine:
         self.pids[pid] = us
         self.notify.started(us, pid)
         if not proxy:
-            self._disarm(us)
-        self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}", unit=us.name, pid=pid)
+            self._disarm(us.leader or us)
+        worker = self._worker_field(us)
+        self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}" +
+                      (f" (worker {us.worker})" if worker else ""), unit=us.name, pid=pid, **worker)
         self.publish("started", us, pid=pid)
         self.proxy.started(us)
         if us.unit.service.type != "notify":
@@ -858,6 +907,12 @@ class Engine:
     def _became_up(self, us: UnitState) -> None:
         us.up = True
         self.jobs.became_up(us)
+        if us.replaces is not None:
+            if us.unit.service.type == "notify":
+                self._graceful_done(us)
+            else:
+                us.ready_timer = self.loop.call_later(us.unit.service.graceful_ready_sec,
+                                                      partial(self._graceful_ready, us), us)
 
     def reload_unit(self, us: UnitState) -> bool:
         """Run exec-reload for the unit's running daemon (with $MAINPID); False when there is nothing to run."""
@@ -1117,6 +1172,12 @@ class Engine:
         self._collect_leftovers(us)
         if self.stopping or us.retired or us.failed:
             return
+        if us.replaces is not None:
+            self._graceful_failed(us, f"no READY=1 within {us.unit.service.timeout_start:g}s" if us.forced == "timeout"
+                                  else f"the new daemon {how} before it was ready")
+            return
+        if us.successor is not None:
+            return  # its new daemon is starting: the unit carries on with it, or is started again if it fails
         if self.exit_with_service:
             self.stop(code)
             return
@@ -1210,6 +1271,8 @@ class Engine:
         preserve = us.unit.service.runtime_directory_preserve
         if preserve == "yes" or (preserve == "restart" and us.restart_pending):
             return
+        if any(s is not us and s.name == us.name and s.has_processes() for s in self.states()):
+            return  # another worker, or the other generation of a graceful restart, still runs in them
         for d in us.directories:
             if d.kind != "runtime":
                 continue
@@ -1285,12 +1348,16 @@ class Engine:
         if us.failed:
             us.failed = None
         us.held = False
-        if us.has_processes():
-            return False
-        return self._start(us)
+        return self._start_group(us)  # with workers: those that do not run (scaled up, not restarted)
 
     def restart_unit(self, us: UnitState) -> None:
-        """Stop the unit's processes; once they are gone start it again (Accept=no) or re-arm it."""
+        """Stop the unit's processes; once they are gone start it again (Accept=no) or re-arm it. Every
+        worker does so on its own; a graceful restart under way is ended (its new daemons stopped)."""
+        self._abort_graceful(us, "a restart (stop first) was asked for")
+        for w in us.group:
+            self._restart_one(w)
+
+    def _restart_one(self, us: UnitState) -> None:
         if us.failed:
             us.failed = None
         us.held = us.manual_stop = False
@@ -1312,16 +1379,18 @@ class Engine:
         """`ctl stop`: end the unit's processes with no restart= afterwards. Its sockets stay open and
         are listened on again once the processes are gone, or with ``disarm`` not until start_unit,
         restart_unit or arm_unit (connections wait in the backlog meanwhile)."""
-        us.held = disarm
-        cancel(us.restart_timer)
-        us.restart_timer = None
-        us.restart_pending = False
-        if disarm:
-            self._disarm(us)
-        if us.has_processes():
-            us.manual_stop = True
-            self.stop_unit(us, "stop")
-        elif not disarm:
+        self._abort_graceful(us, "the unit was stopped")
+        for w in us.group:
+            w.held = disarm
+            cancel(w.restart_timer)
+            w.restart_timer = None
+            w.restart_pending = False
+            if disarm:
+                self._disarm(w)
+            if w.has_processes():
+                w.manual_stop = True
+                self.stop_unit(w, "stop")
+        if not disarm and not any(w.has_processes() for w in us.group):
             self._arm(us)
 
     def disarm_unit(self, us: UnitState) -> None:
@@ -1347,33 +1416,222 @@ class Engine:
         if us.unit.service.type == "notify" and not us.up and us.start_job is None:
             self._start_post(us)
 
+
+    # ------------------------------------------------- workers and graceful restarts (docs/restarts.md)
+    @staticmethod
+    def _worker_field(us: UnitState) -> dict[str, Any]:
+        """The ``worker`` field of a log line, for units with more than one worker."""
+        current = us.replaces or us
+        return {"fields": {"worker": us.worker}} if len(current.group) > 1 or us.worker else {}
+
+    def _new_state(self, like: UnitState, unit: Unit, bound: list[BoundSocket], worker: int) -> UnitState:
+        """Another state for ``unit`` on the same sockets: a worker, or the new daemon of a graceful restart."""
+        state = self._plan_state(unit, bound)
+        self._claim_sockets(state)
+        state.worker = worker
+        state.ordered_after = like.ordered_after  # (set by _link_order for the units in self.units)
+        lead = like.leader or like
+        state.leader = None if worker == 0 else lead
+        if like.worker == worker:
+            state.start_limit = like.start_limit  # each worker has its start limit; its new daemons count in it
+        return state
+
+    def _add_workers(self, lead: UnitState, count: int) -> list[UnitState]:
+        """Workers up to ``count`` in all (not started here)."""
+        added = []
+        bound = [ss.bound for ss in lead.sockets]
+        while 1 + len(lead.workers) < count:
+            w = self._new_state(lead, lead.unit, bound, 1 + len(lead.workers))
+            lead.workers.append(w)
+            added.append(w)
+        return added
+
+    def scale_unit(self, us: UnitState, count: int) -> tuple[bool, str]:
+        """`ctl scale`: run ``count`` workers. New ones start at once when the unit runs (else with the
+        others, on the next connection); the highest-numbered ones go, with their kill signal."""
+        lead = us.leader or us
+        why = self._no_workers(lead)
+        if why is not None:
+            return False, why
+        if not 1 <= count <= WORKERS_MAX:
+            return False, f"the worker count must be 1..{WORKERS_MAX}"
+        before = len(lead.group)
+        if count > before:
+            active = any(w.main_pid is not None or w.start_job is not None for w in lead.group)
+            for w in self._add_workers(lead, count):
+                if active:
+                    self._start(w)
+        while len(lead.group) > count:
+            self._remove_worker(lead, lead.workers[-1])
+        self.log.info("scale", f"workers: {before} -> {count}", unit=lead.name, fields={"from": before, "to": count})
+        self.publish("scaled", lead, workers=count, previous=before)
+        return True, f"{before} -> {count} workers"
+
+    def _no_workers(self, lead: UnitState) -> str | None:
+        if lead.unit.accept or lead.unit.proxy:
+            return "needs accept = false and no proxy-to (a daemon that gets the sockets)"
+        if self.stopping or lead.retired:
+            return "activator is stopping" if self.stopping else "the unit is being replaced"
+        return None
+
+    def _remove_worker(self, lead: UnitState, w: UnitState) -> None:
+        rolling, target = lead.rolling, lead.target_workers
+        replacing = w.successor is not None
+        self._abort_graceful_of(w, "its worker was removed")
+        lead.workers.remove(w)
+        self._retire_state(w)
+        if replacing and rolling:  # a graceful restart of the workers goes on with the next one
+            lead.rolling, lead.target_workers = rolling, target
+            self._graceful_next(lead)
+
+    def _retire_state(self, us: UnitState) -> None:
+        """One state ends: not started again, its processes stopped (its sockets stay open while they drain)."""
+        us.retired = True
+        cancel(us.ready_timer)
+        self._quiesce(us)
+        self.stop_unit(us)
+        if us.has_processes():
+            self.draining.append(us)
+        else:
+            self._close_unit(us, keep=self._sockets_in_use())
+
+    def graceful_restart(self, us: UnitState) -> tuple[bool, str]:
+        """Start a new daemon on the same sockets beside each running worker, one worker at a time; each
+        old one is stopped once its new one is ready. (False, why) when refused."""
+        lead = us.leader or us
+        why = self._no_workers(lead)
+        if why is not None:
+            return False, why
+        if lead.rolling or any(w.successor is not None for w in lead.group):
+            return False, "a graceful restart is already under way"
+        running = [w.worker for w in lead.group if w.main_pid is not None]
+        if not running:
+            self.restart_unit(lead)
+            return True, "not running: started as a plain restart"
+        lead.rolling = list(running)
+        lead.stats.restarts += 1
+        self._graceful_next(lead)
+        return True, f"graceful restart of {len(running)} worker(s) under way"
+
+    def _graceful_next(self, lead: UnitState, given: UnitState | None = None) -> None:
+        """Replace the next worker of ``lead.rolling`` (``given``: the new daemon's state, made by a reload)."""
+        while lead.rolling and not self.stopping:
+            index = lead.rolling.pop(0)
+            old = next((w for w in lead.group if w.worker == index), None)
+            if old is None or (old.main_pid is None and given is None):
+                continue  # removed by a scale, or stopped meanwhile: nothing to replace
+            try:
+                new = given or self._new_state(old, lead.unit, [ss.bound for ss in lead.sockets], index)
+            except ValueError as exc:  # the user or group is gone since the unit was loaded
+                self._graceful_log_failed(old, str(exc))
+                lead.rolling = []
+                return
+            new.worker, new.replaces, old.successor = index, old, new
+            if index:
+                new.leader = lead
+            self.log.info("graceful-start", f"graceful restart: starting a new daemon beside pid {old.main_pid}",
+                          unit=old.name, pid=old.main_pid, fields={"worker": index, "old_pid": old.main_pid})
+            self.publish("graceful-start", old, worker=index, old_pid=old.main_pid)
+            if not self._start(new) and new.replaces is not None:
+                self._graceful_failed(new, "cannot start now (start limit)" if new.paused_until else "cannot start")
+            return
+        if not lead.rolling and lead.target_workers and not self.stopping:
+            count, lead.target_workers = lead.target_workers, 0
+            if count != len(lead.group):
+                self.scale_unit(lead, count)
+
+    def _graceful_ready(self, new: UnitState) -> None:
+        new.ready_timer = None
+        if new.replaces is not None and new.main_pid is not None:
+            self._graceful_done(new)
+
+    def _graceful_done(self, new: UnitState) -> None:
+        """The new daemon is ready: it takes the old one's place, which is stopped with its kill signal."""
+        old = new.replaces
+        assert old is not None
+        new.replaces = old.successor = None
+        if old.leader is None:  # worker 0: the unit's own state, with the group
+            new.workers, old.workers = old.workers, []
+            new.rolling, old.rolling = old.rolling, []
+            new.target_workers, old.target_workers = old.target_workers, 0
+            new.held = old.held
+            for w in new.workers:
+                w.leader = new
+            if self.units.get(old.name) is old:
+                self.units[old.name] = new
+            lead = new
+        else:
+            lead = old.leader
+            lead.workers[lead.workers.index(old)] = new
+        old_pid = old.main_pid
+        self.log.info("graceful-done", f"graceful restart: pid {new.main_pid} is ready, stopping pid {old_pid}",
+                      unit=new.name, pid=new.main_pid, fields={"worker": new.worker, "old_pid": old_pid})
+        self.publish("graceful-done", new, worker=new.worker, pid=new.main_pid, old_pid=old_pid)
+        self._retire_state(old)
+        if not old_pid:
+            self._arm(lead)
+        self._graceful_next(lead)
+
+    def _graceful_failed(self, new: UnitState, reason: str) -> None:
+        """The new daemon did not become ready: it is stopped, the old one keeps serving."""
+        old = new.replaces
+        assert old is not None
+        new.replaces = old.successor = None
+        lead = old.leader or old
+        lead.rolling, lead.target_workers = [], 0
+        self._graceful_log_failed(old, reason)
+        self._retire_state(new)
+        if not old.has_processes() and not self.stopping:  # it ended meanwhile: the unit carries on without either
+            if old.leader is None:
+                self._arm(old)
+            else:
+                self._start(old)
+
+    def _graceful_log_failed(self, old: UnitState, reason: str) -> None:
+        self.log.error("graceful-failed", f"graceful restart failed: {reason}; pid {old.main_pid} keeps serving",
+                       unit=old.name, pid=old.main_pid, fields={"worker": old.worker, "reason": reason})
+        self.publish("graceful-failed", old, worker=old.worker, reason=reason, pid=old.main_pid)
+
+    def _abort_graceful(self, us: UnitState, reason: str) -> None:
+        """End a graceful restart under way for the unit: its new daemons are stopped, the old ones stay."""
+        lead = us.leader or us
+        lead.rolling, lead.target_workers = [], 0
+        for w in lead.group:
+            self._abort_graceful_of(w, reason)
+
+    def _abort_graceful_of(self, w: UnitState, reason: str) -> None:
+        if w.successor is not None:
+            self._graceful_failed(w.successor, reason)
+
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
         if self.stopping:
             return
         self.stopping = True
         self.exit_code = exit_code
-        for us in self.units.values():
+        every = self.states()  # the workers and the new daemons of a graceful restart too
+        for us in every:
             self._disarm(us)
             cancel(us.restart_timer)
             cancel(us.pause_timer)
+            cancel(us.ready_timer)
             self.jobs.abandon(us)
         tree = self._tree()  # read once for every unit: there may be thousands of processes
-        for us in self.units.values():
+        for us in every:
             self.loop.dispatch(partial(self.stop_unit, us, tree=tree))
         # Orphans that no unit claims (double-forked away, reparented to us) are ended too.
         me = self.host.pid
         for pid, (ppid, _) in tree.table.items():
             if ppid == me and pid not in self.pids:
                 self.host.kill(pid, signal.SIGTERM)
-        longest = max([us.unit.service.timeout_stop for us in self.units.values()] + [0.0])
+        longest = max([us.unit.service.timeout_stop for us in every] + [0.0])
         if longest != float("inf"):
             self.loop.call_later(longest, lambda: self._kill_everything(signal.SIGKILL))
         self._check_stopped()
 
     def _kill_everything(self, sig: int) -> None:
         tree = self._tree()
-        for us in self.units.values():
+        for us in self.states():
             self._signal_unit(us, sig, tree)
         for pid in tree.descendants({self.host.pid}):
             self.host.kill(pid, sig)
@@ -1404,7 +1662,7 @@ class Engine:
 
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
-                                           for us in [*self.units.values(), *self.draining]]
+                                           for us in [*self.states(), *self.draining]]
         for step in [*steps, self.proxy.close, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
@@ -1441,8 +1699,8 @@ class Engine:
             return ReloadResult(False, errors=["activator is stopping"])
         old = self.units
         new_by_name = {u.name: u for u in new_units}
-        keep_as_is = {u.name for u in new_units if u.name in old and old[u.name].unit == u and not old[u.name].failed
-                      and not old[u.name].skipped}  # a skipped unit's conditions are checked again
+        keep_as_is = {u.name for u in new_units if u.name in old and _same_but_workers(old[u.name].unit, u)
+                      and not old[u.name].failed and not old[u.name].skipped}  # a skipped unit's conditions are checked again
         # Sockets of units that change or go are a pool the new units take theirs from.
         retiring = [ss.bound for name, us in old.items() if name not in keep_as_is for ss in us.sockets]
         held = {id(ss.bound) for us in old.values() for ss in us.sockets}
@@ -1494,42 +1752,66 @@ class Engine:
             return ReloadResult(False, errors=errors)
         for b in fresh:
             b.commit()
+        for name, us in old.items():
+            if name not in keep_as_is:  # a graceful restart under way ends: the unit changes again, or goes
+                self._abort_graceful(us, "the unit changed again (reload)")
         # Commit: nothing below can fail for a reason the user could fix.
         taken = {id(b) for _, _, bound in plans for b in bound}
         units: dict[str, UnitState] = {}
+        rescale: list[UnitState] = []
         for name, us in old.items():
             if name in keep_as_is:
                 units[name] = us
+                if us.unit != new_by_name[name]:  # only workers changed: scale, do not restart
+                    for w in us.group:
+                        w.unit = new_by_name[name]
+                    rescale.append(us)
                 result.unchanged.append(name)
             elif name not in new_by_name:
                 self._retire(us, taken)
                 self.notify.drop_unit(name)
                 result.removed.append(name)
         fresh_ids = {id(b) for b in fresh}
+        graceful: list[tuple[UnitState, UnitState]] = []  # (running state, the new one that replaces it once ready)
         for unit, state, bound in plans:
             prev = old.get(unit.name)
             for b, spec in zip(bound, unit.sockets):
                 if id(b) not in fresh_ids:
                     self._apply_live(state, b, spec)
             self._claim_sockets(state)
+            units[unit.name] = state
             if prev is not None:
                 result.changed.append(unit.name)
-                self._retire(prev, taken)
+                if unit.name not in skipped and self._replaces_gracefully(prev, unit):
+                    graceful.append((prev, state))
+                    units[unit.name] = prev  # until its new daemon is ready
+                else:
+                    self._retire(prev, taken)
             else:
                 result.added.append(unit.name)
             for b in bound:
                 if id(b) in fresh_ids:
                     self.log.info("listen", f"listening on {b.spec.label}", unit=unit.name)
-            units[unit.name] = state
             if unit.name in skipped:
                 self._skip(state, *skipped[unit.name])
         self.units = {u.name: units[u.name] for u in new_units}
         self._link_order()
-        for _, state, _ in plans:
+        replacing = {id(state) for _, state in graceful}
+        planned = [state for _, state, _ in plans if id(state) not in replacing]
+        for state in planned:
             state.waiting_for = self._blocker(state)
-        for state in _in_start_order([state for _, state, _ in plans]):
+            self._add_workers(state, state.unit.service.workers)
+        for state in _in_start_order(planned):
             if state.waiting_for is None:
                 self.loop.dispatch(partial(self._activate, state), state)
+        for prev, state in graceful:
+            state.ordered_after = prev.ordered_after  # prev is the one in self.units until the switch
+            prev.rolling = [w.worker for w in prev.group if w.worker and w.main_pid is not None]
+            prev.rolling.insert(0, 0)
+            prev.target_workers = state.unit.service.workers
+            self.loop.dispatch(partial(self._graceful_next, prev, state), prev)
+        for us in rescale:
+            self.loop.dispatch(partial(self.scale_unit, us, us.unit.service.workers), us)
         self.log.info("reload", f"reloaded: {len(result.unchanged)} unchanged, {len(result.changed)} changed, "
                                 f"{len(result.added)} added, {len(result.removed)} removed")
         self.publish("reloaded", None, changed=result.changed, added=result.added, removed=result.removed)
@@ -1559,18 +1841,25 @@ class Engine:
                              unit=state.name)
 
     def _retire(self, us: UnitState, keep: set[int]) -> None:
-        us.retired = True
-        self._quiesce(us)
-        self.stop_unit(us)
-        if us.has_processes():
-            # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
-            # back, or gives its address to another unit, takes them instead of failing to bind beside it.
-            self.draining.append(us)
-        else:
-            self._close_unit(us, keep=keep)
+        for w in us.group:
+            w.retired = True
+            self._quiesce(w)
+            self.stop_unit(w)
+            if w.has_processes():
+                # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
+                # back, or gives its address to another unit, takes them instead of failing to bind beside it.
+                self.draining.append(w)
+            else:
+                self._close_unit(w, keep=keep)
+
+    @staticmethod
+    def _replaces_gracefully(prev: UnitState, unit: Unit) -> bool:
+        """Whether a reload replaces the running ``prev`` by ``unit`` with a graceful restart."""
+        return unit.service.restart_style == "graceful" and not unit.accept and not unit.proxy and \
+            not prev.unit.accept and not prev.unit.proxy and prev.main_pid is not None and not prev.retired
 
     def _sockets_in_use(self) -> set[int]:
-        return {id(ss.bound) for us in [*self.units.values(), *self.draining] for ss in us.sockets}
+        return {id(ss.bound) for us in [*self.states(), *self.draining] for ss in us.sockets}
 
 
 def _in_start_order(states: list[UnitState]) -> list[UnitState]:
@@ -1604,6 +1893,11 @@ def _expanded(command: Command, env: dict[str, str]) -> list[str]:
     from .unitfile import expand_argv  # only for commands that ask for it: the module is large
 
     return expand_argv(command.argv, env) or [command.executable]
+
+
+def _same_but_workers(old: Unit, new: Unit) -> bool:
+    """Whether two units differ at most in their worker count (a reload then scales, without a restart)."""
+    return old == new or old == replace(new, service=replace(new.service, workers=old.service.workers))
 
 
 def _socket_key(spec) -> tuple:

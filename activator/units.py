@@ -220,6 +220,10 @@ class ServiceSpec:
     oom_score_adjust: int | None = None
     nice: int | None = None
     limits: dict[int, tuple[int, int]] = field(default_factory=dict)  # RLIMIT_* -> (soft, hard); -1: infinity
+    # Graceful restarts and workers (docs/restarts.md)
+    restart_style: str = "stop-first"  # graceful: the new daemon starts beside the old one, which stops once it is ready
+    graceful_ready_sec: float = 1.0  # type simple/exec: how long a new daemon must run to count as ready
+    workers: int = 1  # instances of the daemon sharing the sockets (accept = false)
 
     @property
     def main_command(self) -> Command:

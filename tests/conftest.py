@@ -245,6 +245,19 @@ def read_probe(path: Path, timeout: float = 10.0) -> dict:
     return wait_for(load, timeout, what="a complete probe report")
 
 
+def json_events(a, event: str, **fields) -> list[dict]:
+    """activator's --log-format json records of ``event`` (with these field values)."""
+    records = []
+    for line in a.log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the daemon's own stderr
+        if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+            records.append(record)
+    return records
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

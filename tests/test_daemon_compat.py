@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAEMONS, ROOT, connect, free_port, require, wait_for
+from conftest import DAEMONS, ROOT, connect, free_port, json_events, require, wait_for
 from test_notify import no_core, receive, receiver, write_unit
 from test_protocol import python_systemd  # noqa: F401 - the fixture
 
@@ -286,19 +286,6 @@ def test_notify_pid_without_privilege_is_sent_again_as_ourselves(python_systemd)
 
 
 # ------------------------------------------------- python-systemd's users, unchanged
-def json_events(a, event: str, **fields) -> list[dict]:
-    """activator's --log-format json records of ``event`` (with these field values)."""
-    records = []
-    for line in a.log.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # the daemon's own stderr
-        if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
-            records.append(record)
-    return records
-
-
 def wait_event(a, event: str, count: int = 1, timeout: float = 10.0, **fields) -> dict:
     found = wait_for(lambda: len(json_events(a, event, **fields)) >= count, timeout=timeout, what=f"{event} {fields}")
     assert found

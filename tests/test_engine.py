@@ -101,9 +101,9 @@ class FakeHost(Host):
 
 
 class Harness:
-    def __init__(self, units, reloader=None):
+    def __init__(self, units, reloader=None, host=None):
         self.clock = Clock()
-        self.host = FakeHost()
+        self.host = host or FakeHost()
         self.loop = Loop(clock=self.clock)
         self.events: list[dict] = []
         self.engine = Engine(units, Log(stream=open("/dev/null", "w")), host=self.host, loop=self.loop,

@@ -226,6 +226,15 @@ def test_json_lines_parse_and_carry_counts(pipe):
     assert all("count" not in rec for rec in records if rec["event"] != "log-dropped")
 
 
+def test_json_lines_carry_an_events_own_fields_after_the_common_ones(pipe):
+    r, w = pipe
+    log = Log(stream=Fd(w), fmt="json")
+    log.error("graceful-failed", "failed", unit="u", pid=5, fields={"reason": "exited", "worker": 1, "pid": 6})
+    log.close()
+    record = json.loads(os.read(r, 65536))
+    assert list(record)[-2:] == ["reason", "worker"] and record["pid"] == 5  # a common key is never overwritten
+
+
 def test_text_lines_cannot_be_forged_with_control_characters(pipe):
     r, w = pipe
     log = Log(stream=Fd(w))
