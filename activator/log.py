@@ -155,15 +155,17 @@ class Log:
         return LEVELS[level] >= self.threshold
 
     def emit(self, level: str, event: str, message: str, unit: str | None = None, pid: int | None = None,
-             collapse_key: str | None = None, collapse_what: str | None = None) -> None:
-        """Log one event. With ``collapse_key`` (say, the client's address), repeats of the same
+             collapse_key: str | None = None, collapse_what: str | None = None,
+             fields: dict[str, Any] | None = None) -> None:
+        """Log one event (``fields``: more keys of its JSON record, such as the path of a watch-change).
+        With ``collapse_key`` (say, the client's address), repeats of the same
         event, unit and key within the collapse window are counted instead of written, and summed
         up as ``N more <collapse_what> from <collapse_key>`` (default what: ``'EVENT' events``)."""
         if LEVELS[level] < self.threshold:
             return
         if collapse_key is not None and self._collapsed(level, event, unit, collapse_key, collapse_what):
             return
-        self._add(self._format(level, event, message, unit, pid))
+        self._add(self._format(level, event, message, unit, pid, fields=fields))
 
     def debug(self, event: str, message: str, **kw: Any) -> None:
         self.emit("debug", event, message, **kw)
@@ -178,7 +180,7 @@ class Log:
         self.emit("error", event, message, **kw)
 
     def _format(self, level: str, event: str, message: str, unit: str | None, pid: int | None,
-                count: int | None = None) -> bytes:
+                count: int | None = None, fields: dict[str, Any] | None = None) -> bytes:
         if self.json:
             import json  # only for --log-format json: text logs do without it
 
@@ -189,6 +191,8 @@ class Log:
             }
             if count is not None:
                 record["count"] = count
+            if fields:
+                record.update((k, v) for k, v in fields.items() if k not in record)
             line = json.dumps(record, separators=(",", ":"))
         else:
             prefix = f"{self.prog}[{self.pid}]: "

@@ -44,6 +44,7 @@ from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Command, Unit
+from .watch import Watcher
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
 EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or until an instance exits)
@@ -314,6 +315,7 @@ class Engine:
         self._pending = units
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
         self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
+        self.watch = Watcher(self)  # watch-paths: restart a daemon when its files change (activator.watch)
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
 
     # ----------------------------------------------------------------- events
@@ -395,6 +397,7 @@ class Engine:
                 if unit.name in skipped:
                     self._skip(us, *skipped[unit.name])
         self._pending = []
+        self.watch.sync()
 
     def _link_order(self) -> None:
         """Each unit's ordered_after: its own after, and the units whose before names it."""
@@ -1351,6 +1354,7 @@ class Engine:
             return
         self.stopping = True
         self.exit_code = exit_code
+        self.watch.close()  # no restart for a change while everything stops
         for us in self.units.values():
             self._disarm(us)
             cancel(us.restart_timer)
@@ -1403,7 +1407,7 @@ class Engine:
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
                                            for us in [*self.units.values(), *self.draining]]
-        for step in [*steps, self.proxy.close, self.notify.close, self.loop.restore_signals]:
+        for step in [*steps, self.watch.close, self.proxy.close, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
@@ -1522,6 +1526,7 @@ class Engine:
             if unit.name in skipped:
                 self._skip(state, *skipped[unit.name])
         self.units = {u.name: units[u.name] for u in new_units}
+        self.watch.sync()
         self._link_order()
         for _, state, _ in plans:
             state.waiting_for = self._blocker(state)

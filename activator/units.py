@@ -219,6 +219,10 @@ class ServiceSpec:
     oom_score_adjust: int | None = None
     nice: int | None = None
     limits: dict[int, tuple[int, int]] = field(default_factory=dict)  # RLIMIT_* -> (soft, hard); -1: infinity
+    # Watch mode (activator.watch): restart the daemon when a file under these paths changes
+    watch_paths: list[str] = field(default_factory=list)  # absolute, as the loader resolved them
+    watch_ignore: list[str] = field(default_factory=list)  # patterns, besides activator.watch.DEFAULT_IGNORE
+    watch_debounce_sec: float = 0.2
 
     @property
     def main_command(self) -> Command:
