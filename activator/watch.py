@@ -394,19 +394,23 @@ class Watcher:
         if engine.stopping or engine.units.get(us.name) is not us:
             return
         what = f"{path} changed ({n} event{'s' if n != 1 else ''})"
+        state = us.state
+        restart = False
         if us.unit.accept:
             action = "new connections start the new code, running instances are left alone"
-        elif us.held or us.failed:
-            action = "the unit is stopped, not restarted"
-        elif us.has_processes():
-            action = "restarting the daemon"
-        elif us.unit.start_now:
-            action = "starting the daemon (--now)"
-        else:
+        elif state in ("running", "starting"):
+            action, restart = "restarting the daemon", True
+        elif state == "stopping" and us.restart_pending:
+            action = "a restart is under way: the new daemon reads the new files"
+        elif state == "listening" and us.unit.start_now:
+            action, restart = "starting the daemon (--now)", True
+        elif state == "listening":
             action = "not running: the next connection starts the new code"
+        else:  # stopping (ctl stop), stopped, paused, waiting for the old generation, failed
+            action = f"the unit is {state}: not restarted"
         engine.log.info("watch-change", f"{what}: {action}", unit=us.name, fields={"path": path, "changes": n})
         engine.publish("watch-change", us, path=path, changes=n)
-        if us.unit.accept or us.held or us.failed or not (us.has_processes() or us.unit.start_now):
+        if not restart:
             return
         pid = us.main_pid
         self.restart(us)

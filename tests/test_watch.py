@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 from activator import watch
 from activator.loadgen import ClientLoad
@@ -71,6 +73,34 @@ def test_no_daemon_running_nothing_to_restart(harness, tmp_path):
     settle(h)
     assert len(changes(h)) == 1 and not restarts(h)
     assert h.host.spawned == [] and h.unit().state == "listening"
+
+
+def test_now_starts_the_daemon_again_after_a_change(harness, tmp_path):
+    unit = make_unit(watch_paths=[str(tmp_path)])
+    unit.start_now = True
+    h = harness([unit])
+    h.reap(h.host.spawned[-1], code=1)  # the daemon died (a syntax error, say): the fix starts it again
+    (tmp_path / "app.py").write_text("fixed")
+    settle(h)
+    assert len(restarts(h)) == 1 and h.host.spawned == [FIRST_PID, FIRST_PID + 1]
+
+
+def test_a_change_during_a_restart_or_a_ctl_stop_restarts_nothing_more(harness, tmp_path):
+    h = harness([make_unit(watch_paths=[str(tmp_path)])])
+    pid = running(h)
+    (tmp_path / "a").write_text("x")
+    settle(h)
+    (tmp_path / "b").write_text("x")  # the old daemon has not exited yet
+    settle(h)
+    assert len(changes(h)) == 2 and len(restarts(h)) == 1
+    assert h.host.sent(signal.SIGTERM) == [("tree", pid)]
+    h.reap(pid)
+    h.engine.halt_unit(h.unit(), disarm=True)  # ctl stop --disarm
+    h.reap(FIRST_PID + 1)
+    (tmp_path / "c").write_text("x")
+    settle(h)
+    assert len(restarts(h)) == 1 and h.unit().state == "stopped"
+    assert h.host.spawned == [FIRST_PID, FIRST_PID + 1]
 
 
 def test_accept_mode_leaves_running_instances_alone(harness, tmp_path):
@@ -262,6 +292,26 @@ def test_a_missing_path_is_an_error_in_check_and_run(tmp_path):
                         "--", "true"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--watch" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_out_of_watches_one_warning_and_what_is_watched_stays_watched(activator, tmp_path):
+    """A user namespace of its own gives activator an inotify watch limit of 3 (nobody else's is touched)."""
+    probe = subprocess.run(["unshare", "-Ur", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespace: {probe.stderr.decode().strip()}")
+    app = app_dir(tmp_path)
+    for name in ("d1", "d2", "d3", "d4", "d5"):
+        (app / name).mkdir()
+    port = free_port()
+    limit = 'echo 3 > /proc/sys/user/max_inotify_watches && exec "$@"'
+    a = activator("run", "--log-format", "json", "--watch", app, "-l", f"127.0.0.1:{port}", "--",
+                  PY, app / "server.py", argv_prefix=["unshare", "-Ur", "sh", "-c", limit, "sh", PY, "-m", "activator"])
+    warning = wait_event(a, "watch", timeout=30)
+    assert "out of inotify watches" in warning["message"] and warning["level"] == "warning"
+    (app / "version").write_text("v2")  # the top directory is watched first
+    assert wait_event(a, "watch-change", timeout=30)["path"] == str(app / "version")
+    assert len(events(a, "watch")) == 1
+    assert a.stop() == 0
 
 
 # ------------------------------------------------------------------ end to end
