@@ -149,9 +149,9 @@ class Inotify:
 class Pattern:
     """One ignore pattern, gitignore-like: ``NAME`` (a glob) matches an entry of that name at any depth,
     ``DIR/`` only a directory (and so all under it), and a pattern with a ``/`` inside matches the path
-    relative to the watched PATH (a leading ``/`` only anchors it there)."""
+    relative to the watched PATH, one component per component (a leading ``/`` only anchors it there)."""
 
-    glob: str
+    globs: tuple[str, ...]  # one per component; a single one unless anchored
     dir_only: bool
     anchored: bool
 
@@ -160,7 +160,13 @@ class Pattern:
         dir_only = text.endswith("/")
         glob = text.rstrip("/")
         anchored = "/" in glob
-        return cls(glob.lstrip("/"), dir_only, anchored)
+        return cls(tuple(g for g in glob.split("/") if g), dir_only, anchored)
+
+    def matches(self, parts: tuple[str, ...]) -> bool:
+        """Whether the entry at ``parts`` (its last component) is what this pattern names."""
+        if not self.anchored:
+            return fnmatchcase(parts[-1], self.globs[0])
+        return len(parts) == len(self.globs) and all(map(fnmatchcase, parts, self.globs))
 
 
 def compile_patterns(texts: list[str] | tuple[str, ...]) -> tuple[Pattern, ...]:
@@ -169,12 +175,12 @@ def compile_patterns(texts: list[str] | tuple[str, ...]) -> tuple[Pattern, ...]:
 
 def ignored(patterns: tuple[Pattern, ...], parts: tuple[str, ...], is_dir: bool) -> bool:
     """Whether the entry at ``parts`` (relative to the watched PATH) or a directory above it is ignored."""
-    for i, part in enumerate(parts):
+    for i in range(len(parts)):
         entry_is_dir = is_dir or i < len(parts) - 1
         for p in patterns:
             if p.dir_only and not entry_is_dir:
                 continue
-            if fnmatchcase("/".join(parts[:i + 1]) if p.anchored else part, p.glob):
+            if p.matches(parts[:i + 1]):
                 return True
     return False
 

@@ -129,11 +129,18 @@ def test_ignored_names_are_no_change(harness, tmp_path):
         path.write_text("x")
     settle(h)
     assert not changes(h)
-    (tmp_path / "docs" / "sub").mkdir()
-    (tmp_path / "docs" / "sub" / "b.md").write_text("anchored: only docs/*.md is ignored")  # fnmatch: * matches /
     (tmp_path / "app.py").write_text("v2")
     settle(h)
     assert [(c["path"], c["changes"]) for c in changes(h)] == [(str(tmp_path / "app.py"), 2)]
+    (tmp_path / "docs" / "sub").mkdir()
+    (tmp_path / "sub" / "docs").mkdir(parents=True)
+    settle(h)
+    (tmp_path / "docs" / "sub" / "b.md").write_text("docs/*.md is one level: * stops at /, as in .gitignore")
+    settle(h)
+    (tmp_path / "sub" / "docs" / "c.md").write_text("docs/*.md is anchored at the top")
+    settle(h)
+    assert [c["path"] for c in changes(h)][1:] == [str(tmp_path / "docs" / "sub" / "b.md"),
+                                                   str(tmp_path / "sub" / "docs" / "c.md")]
 
 
 def test_ten_writes_one_restart(harness, tmp_path):
@@ -356,7 +363,7 @@ def test_ignored_writes_and_debounce_end_to_end(activator, tmp_path):
     app = app_dir(tmp_path)
     port = free_port()
     a = activator("run", "--log-format", "json", "--watch", app, "--watch-ignore", "*.tmp",
-                  "--watch-debounce-sec", "500ms", "-l", f"127.0.0.1:{port}", "--", PY, app / "server.py")
+                  "--watch-debounce-sec", "1500ms", "-l", f"127.0.0.1:{port}", "--", PY, app / "server.py")
     a.wait_listening()
     assert ask(port).startswith(b"v1 ")
     (app / "__pycache__").mkdir()
