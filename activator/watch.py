@@ -211,6 +211,7 @@ class UnitWatch:
         self.first: float | None = None  # when the pending change began
         self.first_path = ""
         self.changes = 0
+        self.fresh = False  # changes counted since the timer was last armed
         self.timer: TimerHandle | None = None
 
     @property
@@ -283,8 +284,7 @@ class UnitWatch:
                 break
             for wd, mask, name in events:
                 self.event(wd, mask, name)
-            if self.inotify is None:  # closed by what an event led to
-                return
+        self.arm()
 
     def event(self, wd: int, mask: int, name: str) -> None:
         if mask & IN_Q_OVERFLOW:
@@ -322,16 +322,21 @@ class UnitWatch:
             self.changed(os.path.join(path, name), 1)
 
     def changed(self, path: str, n: int) -> None:
-        """A change: (re)start the debounce."""
-        loop = self.watcher.engine.loop
-        now = loop.clock()
+        """A change, counted; :meth:`arm` (once per wake-up, not per event) starts the debounce again."""
         if self.first is None:
-            self.first, self.first_path, self.changes = now, path, 0
+            self.first, self.first_path, self.changes = self.watcher.engine.loop.clock(), path, 0
         self.changes += n
-        due = min(now + self.debounce, self.first + self.debounce * DEBOUNCE_CAP)
-        if self.timer is None or not self.timer.active or self.timer.when != due:
-            cancel(self.timer)
-            self.timer = loop.call_at(due, self.settled, self.us)
+        self.fresh = True
+
+    def arm(self) -> None:
+        """After new changes: the restart is due once the files are quiet for the debounce (or at the cap)."""
+        if not self.fresh or self.first is None:
+            return
+        self.fresh = False
+        loop = self.watcher.engine.loop
+        cancel(self.timer)
+        self.timer = loop.call_at(min(loop.clock() + self.debounce, self.first + self.debounce * DEBOUNCE_CAP),
+                                  self.settled, self.us)
 
     def settled(self) -> None:
         self.timer = None

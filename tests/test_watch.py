@@ -215,6 +215,7 @@ def test_overflow_counts_as_a_change(harness, tmp_path):
     h = harness([make_unit(watch_paths=[str(tmp_path)])])
     uw = h.engine.watch.units["u"]
     uw.event(-1, watch.IN_Q_OVERFLOW, "")
+    uw.arm()
     h.advance(1.0)
     assert [c["path"] for c in changes(h)] == [str(tmp_path)]
 
