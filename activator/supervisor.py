@@ -1118,7 +1118,7 @@ class Engine:
         self._collect_leftovers(us)
         if self.stopping or us.retired or us.failed:
             return
-        if self.exit_with_service:
+        if self.exit_with_service and not us.restart_pending:  # a restart asked for (ctl, watch) is no exit
             self.stop(code)
             return
         svc = us.unit.service

@@ -103,6 +103,18 @@ def test_a_change_during_a_restart_or_a_ctl_stop_restarts_nothing_more(harness, 
     assert h.host.spawned == [FIRST_PID, FIRST_PID + 1]
 
 
+def test_exit_with_service_survives_a_watch_restart(harness, tmp_path):
+    h = harness([make_unit(watch_paths=[str(tmp_path)])])
+    h.engine.exit_with_service = True  # run --watch --exit-with-service: the restart is no exit of the service
+    pid = running(h)
+    (tmp_path / "app.py").write_text("v2")
+    settle(h)
+    h.reap(pid)
+    assert not h.engine.stopping and h.host.spawned == [FIRST_PID, FIRST_PID + 1]
+    h.reap(FIRST_PID + 1, code=3)  # the service itself exiting still ends activator, with its status
+    assert h.engine.stopping and h.engine.exit_code == 3
+
+
 def test_accept_mode_leaves_running_instances_alone(harness, tmp_path):
     unit = make_unit(watch_paths=[str(tmp_path)])
     unit.accept = True
