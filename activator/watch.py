@@ -301,11 +301,14 @@ class UnitWatch:
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             if any(v.parts == () and v.only is None for v in views):
                 self.log.warning("watch", f"{path} was removed or moved: no longer watched", unit=self.us.name)
+                self.forget(path)  # moved, the kernel would go on watching it where it is now
                 self.changed(path, 1)
             return
         if not mask & CHANGES:
             return
         is_dir = bool(mask & IN_ISDIR)
+        if is_dir and mask & IN_MOVED_FROM:
+            self.forget(os.path.join(path, name))  # moved away: watched again if it is moved back in
         counts = False
         for view in views:
             if view.only is not None and name != view.only:
@@ -320,6 +323,15 @@ class UnitWatch:
                 counts = True
         if counts:
             self.changed(os.path.join(path, name), 1)
+
+    def forget(self, top: str) -> None:
+        """Stop watching ``top`` and the directories under it (the kernel confirms with IN_IGNORED)."""
+        assert self.inotify is not None
+        prefix = top.rstrip("/") + "/"
+        for wd, (path, _) in list(self.dirs.items()):
+            if path == top or path.startswith(prefix):
+                self.inotify.remove(wd)
+                del self.dirs[wd]
 
     def changed(self, path: str, n: int) -> None:
         """A change, counted; :meth:`arm` (once per wake-up, not per event) starts the debounce again."""

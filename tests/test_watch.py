@@ -204,6 +204,18 @@ def test_directories_created_later_are_watched(harness, tmp_path):
     (tmp_path / "lib" / "x.py").write_text("y")
     settle(h)
     assert [c["path"] for c in changes(h)][4:] == [str(tmp_path / "lib" / "x.py")]
+    # Moved out: a change, and no longer watched where it went; moved within: watched under its new name.
+    os.rename(tmp_path / "lib", other / "lib")
+    settle(h)
+    (other / "lib" / "x.py").write_text("z")
+    settle(h)
+    os.rename(tmp_path / "pkg", tmp_path / "pkg2")
+    settle(h)
+    (tmp_path / "pkg2" / "mod.py").write_text("y")
+    settle(h)
+    assert [c["path"] for c in changes(h)][5:] == [str(tmp_path / "lib"), str(tmp_path / "pkg"),
+                                                   str(tmp_path / "pkg2" / "mod.py")]
+    assert all(not path.startswith(str(other)) for path, _ in h.engine.watch.units["u"].dirs.values())
     shutil.rmtree(other)
 
 
@@ -221,6 +233,16 @@ def test_a_watched_file_is_seen_through_its_directory(harness, tmp_path):
     config.write_text("c")  # and the new file is still watched
     settle(h)
     assert [c["path"] for c in changes(h)] == [str(config), str(config)]
+
+
+def test_a_watched_directory_removed_is_a_change_and_no_longer_watched(harness, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    h = harness([make_unit(watch_paths=[str(src)])])
+    shutil.rmtree(src)
+    settle(h)
+    assert changes(h)[0]["path"] in (str(src), str(src / "sub"))  # the first of the events merged
+    assert h.engine.watch.units["u"].dirs == {}, "the kernel dropped every watch (IN_IGNORED)"
 
 
 def test_overflow_counts_as_a_change(harness, tmp_path):
