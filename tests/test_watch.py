@@ -454,4 +454,11 @@ def test_idle_means_idle_while_watching(activator, tmp_path):
     before = voluntary_switches(a.pid)
     time.sleep(1.5)  # watching: no timer, no poll
     assert voluntary_switches(a.pid) - before == 0
+    (app / "version").write_text("v2")  # after a change and its restart, no timer is left behind either
+    a.wait_log("restart for")
+    wait_for(lambda: ask(port).startswith(b"v2 "), timeout=30, what="the new daemon")
+    wait_quiet(a.pid)
+    before = voluntary_switches(a.pid)
+    time.sleep(1.0)
+    assert voluntary_switches(a.pid) - before == 0
     assert a.stop() == 0
