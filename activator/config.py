@@ -357,6 +357,8 @@ class _UnitLoader:
                 self.set_unit_wide(setting, at, parsed)
             elif key == "environment-file":
                 env_files = parsed
+            elif key == "watch-paths":
+                attrs["watch_paths"] = self.watch_paths(parsed)
             elif key == "exec-start":
                 attrs.update(argv=list(parsed.argv), exec_path=parsed.path, ignore_failure=parsed.ignore_failure,
                              expand_environment=parsed.expand_environment, privileged=parsed.privileged)
@@ -399,14 +401,31 @@ class _UnitLoader:
             return None
         return text
 
+    def beside(self, path: str) -> str:
+        """A path relative to the unit file (for `run`: to the current directory), made absolute."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.origin)), path)
+
+    def watch_paths(self, entries: list[str]) -> list[str]:
+        """The watch-paths that exist, absolute; a missing one is an error unless written `-PATH`."""
+        paths = []
+        for entry in entries:
+            optional = entry.startswith("-")
+            path = os.path.normpath(self.beside(entry[1:] if optional else entry))
+            if not os.path.exists(path):
+                if not optional:
+                    self.error("service.watch-paths", f"{path_label(path)} does not exist (prefix it with '-' to "
+                                                      "ignore a missing one)", "watch-paths")
+                continue
+            paths.append(path)
+        return list(dict.fromkeys(paths))
+
     def environment_files(self, entries: list[str]) -> dict[str, str]:
         at = "service.environment-file"
         env: dict[str, str] = {}
         for entry in entries:
             optional = entry.startswith("-")
             path = entry[1:] if optional else entry
-            if not os.path.isabs(path):
-                path = os.path.join(os.path.dirname(os.path.abspath(self.origin)), path)
+            path = self.beside(path)
             try:
                 variables = read_environment_file(path)
             except FileNotFoundError:

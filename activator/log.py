@@ -158,7 +158,8 @@ class Log:
     def emit(self, level: str, event: str, message: str, unit: str | None = None, pid: int | None = None,
              collapse_key: str | None = None, collapse_what: str | None = None,
              fields: dict[str, Any] | None = None) -> None:
-        """Log one event. With ``collapse_key`` (say, the client's address), repeats of the same
+        """Log one event (``fields``: more keys of its JSON record: a graceful restart's reason, a worker's index,
+        the path of a watch-change). With ``collapse_key`` (say, the client's address), repeats of the same
         event, unit and key within the collapse window are counted instead of written, and summed
         up as ``N more <collapse_what> from <collapse_key>`` (default what: ``'EVENT' events``)."""
         if LEVELS[level] < self.threshold:

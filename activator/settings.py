@@ -285,6 +285,17 @@ SETTINGS: tuple[Setting, ...] = (
             "daemon once it has had no connection for this long; the next connection starts it again "
             "(systemd-socket-proxyd's --exit-idle-time).", None, "unit",
             flags=("--exit-idle-sec", "--exit-idle-time"), default_doc="infinity (never)"),
+    # ---------------------------------------------------------------- watch mode (docs/watch.md)
+    Setting("watch-paths", "service", "service", "watch_paths", v.Paths(), "Restart the daemon when a file under "
+            "these paths changes (inotify; a directory with every directory under it); relative to the unit file; "
+            "`-PATH`: optional.", None, "service", flags=("--watch",), default_doc="none"),
+    Setting("watch-ignore", "service", "service", "watch_ignore", v.Patterns(), "Changes that do not count, besides "
+            "the built-in *.pyc, __pycache__/, .git/ and editors' swap and backup files: `NAME`, `DIR/`, or a "
+            "path under the watched one.", None, "service", flags=("--watch-ignore",), default_doc="none"),
+    Setting("watch-debounce-sec", "service", "service", "watch_debounce_sec",
+            v.Time(why="a change would never restart the daemon: leave watch-paths out"), "How long the watched "
+            "files must be quiet after a change before the restart (at most ten times this after the first).",
+            None, "service", flags=("--watch-debounce-sec",)),
     # ---------------------------------------------------------------- around the main command (unit files)
     *(_service(key, key.replace("-", "_"), parse, doc, _camel(key), reload, no_flag=_UNIT_FILES, default_doc="none")
       for key, parse, reload, doc in (

@@ -45,6 +45,7 @@ from .settings import WORKERS_MAX
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Command, Unit
+from .watch import Watcher
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
 EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or until an instance exits)
@@ -330,6 +331,7 @@ class Engine:
         self._pending = units
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
         self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
+        self.watch = Watcher(self)  # watch-paths: restart a daemon when its files change (activator.watch)
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
 
     def states(self) -> list[UnitState]:
@@ -424,6 +426,7 @@ class Engine:
                 if unit.name in skipped:
                     self._skip(us, *skipped[unit.name])
         self._pending = []
+        self.watch.sync()
 
     def _link_order(self) -> None:
         """Each unit's ordered_after: its own after, and the units whose before names it."""
@@ -1178,7 +1181,7 @@ class Engine:
             return
         if us.successor is not None:
             return  # its new daemon is starting: the unit carries on with it, or is started again if it fails
-        if self.exit_with_service:
+        if self.exit_with_service and not us.restart_pending:  # a restart asked for (ctl, watch) is no exit
             self.stop(code)
             return
         svc = us.unit.service
@@ -1609,6 +1612,7 @@ class Engine:
             return
         self.stopping = True
         self.exit_code = exit_code
+        self.watch.close()  # no restart for a change while everything stops
         every = self.states()  # the workers and the new daemons of a graceful restart too
         for us in every:
             self._disarm(us)
@@ -1663,7 +1667,7 @@ class Engine:
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
                                            for us in [*self.states(), *self.draining]]
-        for step in [*steps, self.proxy.close, self.notify.close, self.loop.restore_signals]:
+        for step in [*steps, self.watch.close, self.proxy.close, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
@@ -1795,6 +1799,7 @@ class Engine:
             if unit.name in skipped:
                 self._skip(state, *skipped[unit.name])
         self.units = {u.name: units[u.name] for u in new_units}
+        self.watch.sync()
         self._link_order()
         replacing = {id(state) for _, state in graceful}
         planned = [state for _, state, _ in plans if id(state) not in replacing]

@@ -224,6 +224,10 @@ class ServiceSpec:
     restart_style: str = "stop-first"  # graceful: the new daemon starts beside the old one, which stops once it is ready
     graceful_ready_sec: float = 1.0  # type simple/exec: how long a new daemon must run to count as ready
     workers: int = 1  # instances of the daemon sharing the sockets (accept = false)
+    # Watch mode (activator.watch): restart the daemon when a file under these paths changes
+    watch_paths: list[str] = field(default_factory=list)  # absolute, as the loader resolved them
+    watch_ignore: list[str] = field(default_factory=list)  # patterns, besides activator.watch.DEFAULT_IGNORE
+    watch_debounce_sec: float = 0.2
 
     @property
     def main_command(self) -> Command:

@@ -232,6 +232,23 @@ def activator():
             pass
 
 
+def events(a: Activator, name: str) -> list[dict]:
+    """The records of event ``name`` in activator's --log-format json log (the daemon's own lines skipped)."""
+    out = []
+    for line in list(a.lines):
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == name:
+                out.append(record)
+    return out
+
+
+def wait_event(a: Activator, name: str, count: int = 1, timeout: float = 15.0) -> dict:
+    """The ``count``-th record of event ``name``, once it is logged."""
+    a.wait_log(f'"event":"{name}"', timeout=timeout, count=count)
+    return events(a, name)[count - 1]
+
+
 def read_probe(path: Path, timeout: float = 10.0) -> dict:
     """The JSON report written by tests/daemons/probe.py."""
     wait_for(lambda: path.exists() and path.stat().st_size > 0, timeout, what=f"probe report {path}")

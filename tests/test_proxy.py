@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAEMONS, IN_CI, connect, free_port, pid_alive, require, wait_for
+from conftest import DAEMONS, IN_CI, connect, events, free_port, pid_alive, require, wait_event, wait_for
 
 PY = sys.executable
 BACKEND = str(DAEMONS / "proxy_backend.py")
@@ -41,21 +40,6 @@ def relay(request):
             pytest.fail(message)
         pytest.skip(message)
     return None if request.param == "c" else [PY, "-c", PY_RELAY]
-
-
-def events(a, name: str) -> list[dict]:
-    out = []
-    for line in list(a.lines):
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == name:
-                out.append(record)
-    return out
-
-
-def wait_event(a, name: str, count: int = 1, timeout: float = 15.0) -> dict:
-    a.wait_log(f'"event":"{name}"', timeout=timeout, count=count)
-    return events(a, name)[count - 1]
 
 
 def proxy(activator, backend: list[str], to: str, *options, relay=None):

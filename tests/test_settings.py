@@ -165,6 +165,9 @@ def _cases(s: settings.Setting, tmp_path: Path) -> list[Case]:
         envfile.write_text("FROM_FILE=1\n")
         return [word(str(envfile), True), word(f"-{tmp_path}/missing", True), word(f"{tmp_path}/missing", False),
                 word("", False)]
+    if kind == "patterns":  # watch-ignore
+        return [word("*.log", True), word("build/", True), word("/docs/*.md", True), word("", False),
+                word("//", False), Case('"a\\u0000"', None, False), Case("[1]", None, False)]
     if kind == "text":  # working-directory
         return [word(str(tmp_path), True), word("-/nonexistent-activator", True), word("relative", False),
                 word("/nonexistent-activator", False), word("", False), Case('"/tmp\\u0000"', None, False)]
