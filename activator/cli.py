@@ -263,12 +263,24 @@ def run(listen, datagram, seqpacket, inetd, setenv, fdnames, now, exit_with_serv
     _engine_main([unit], verbose, log_format, forward, exit_with_service=exit_with_service, control=control)
 
 
-def _inherited_fds() -> list[tuple[int, str]]:
-    """The descriptors our parent passed us (read once); a one-line error when its LISTEN_* are wrong."""
-    from .protocol import ProtocolError, inherited_fds
+_INHERITED: list[tuple[int, str]] | None = None
 
+
+def _inherited_fds() -> list[tuple[int, str]]:
+    """The descriptors our parent passed us (read once, kept for a re-exec); a one-line error when its
+    LISTEN_* are wrong."""
+    global _INHERITED
+    from .protocol import ProtocolError, inherited_fds
+    from .reexec import RESUMED
+
+    if _INHERITED is not None:
+        return _INHERITED
+    if RESUMED is not None:  # a re-exec: what our parent passed the first activator, LISTEN_* long unset
+        _INHERITED = [(int(fd), str(name)) for fd, name in RESUMED["inherited"]]
+        return _INHERITED
     try:
-        return inherited_fds()
+        _INHERITED = inherited_fds()
+        return _INHERITED
     except ProtocolError as exc:
         _fail(f"invalid socket-activation environment from our parent: {exc.strerror}")
     except OSError as exc:  # EBADF: LISTEN_FDS counts descriptors that are not open (a stale environment)
@@ -280,11 +292,19 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
                  reload_daemons=False, control=None) -> None:
     """Run the engine. ``reloader`` (serve) returns a Configuration: its warnings are logged at each reload,
     as ``warnings`` are at start (event ``unit-file``)."""
+    from . import reexec
     from .control import attach_control
     from .log import Log
     from .sockets import BindError
     from .processes import cloexec_all_above
     from .supervisor import Engine
+
+    if reexec.RESUMED is not None:
+        problem = reexec.check_units(reexec.RESUMED, units)
+        if problem is not None:
+            _fail(f"cannot resume: {problem}")
+        if reexec.CHECK_ONLY:
+            sys.exit(0)
 
     # Descriptors our parent leaked to us (not close-on-exec) must not reach the daemons;
     # the ones passed to us by socket activation are passed on explicitly, by position.
@@ -301,13 +321,21 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
 
     engine = Engine(units, log, exit_with_service=exit_with_service, forward_signals=_forward_signals(forward),
                     reloader=reload_units if reloader else None, reload_daemons=reload_daemons)
-    with attach_control(engine, control):  # opened first: when it fails, nothing is bound
+    with attach_control(engine, control) as servers:  # opened first: when it fails, nothing is bound
+        engine.reexec = reexec.Reexec(engine, servers, _inherited_fds())
         try:
-            engine.open()
+            if reexec.RESUMED is not None:
+                engine.resume(reexec.RESUMED)
+            else:
+                engine.open()
         except BindError as exc:
             for line in exc.messages:
                 log.error("bind", line)
             sys.exit(1)
+        except (reexec.StateError, OSError, KeyError, TypeError, ValueError) as exc:
+            # After the exec, with no way back: the daemons are stopped rather than left unsupervised.
+            log.error("reexec-failed", f"cannot take over the state: {exc!r}; stopping everything")
+            engine.stop(1)
         code = engine.run()
     sys.exit(code)
 

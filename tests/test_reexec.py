@@ -1,0 +1,217 @@
+"""Re-exec in place (`activator ctl reexec`, SIGRTMIN+25): a real `activator serve` under a client load.
+
+What a user sees: the same activator pid, the same daemon pid, no connection refused or failed
+(activator.loadgen.ClientLoad), counters that go on, a reload and a stop that work afterwards;
+a new activator that cannot read the state, or an exec that fails, leave the old one serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from activator import reexec
+from activator.control import call
+from activator.loadgen import ClientLoad
+from activator.supervisor import UnitState
+from conftest import DAEMONS, free_port, pid_alive, wait_for
+
+PY = sys.executable
+ECHO = str(DAEMONS / "echo_listen.py")
+
+
+def events(a) -> list[dict]:
+    found = []
+    for line in a.lines:
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
+def wait_event(a, name: str, count: int = 1, timeout: float = 30.0) -> dict:
+    return wait_for(lambda: ([e for e in events(a) if e.get("event") == name][count - 1:count] or [None])[0],
+                    timeout, what=f"event {name} x{count}; log:\n{a.log}")
+
+
+def ctl(sock: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "activator", "ctl", "-s", str(sock), "--timeout", "30", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def unit(sock: Path, name: str) -> dict:
+    [found] = call("status", socket_path=str(sock), units=[name])["units"]
+    return found
+
+
+@pytest.fixture
+def two_units(activator, tmp_path):
+    """serve: an accept-mode echo (cat on the connection) and an Accept=no echo daemon (tcp and unix)."""
+    ports = {"echo": free_port(), "daemon": free_port()}
+    path = tmp_path / "daemon.sock"
+    config = tmp_path / "units.toml"
+    config.write_text(f"""
+[echo]
+socket.listen-stream = "127.0.0.1:{ports['echo']}"
+socket.accept = true
+socket.max-connections = 64
+service.exec-start = ["cat"]
+service.standard-input = "socket"
+
+[daemon]
+socket.listen-stream = ["127.0.0.1:{ports['daemon']}", "{path}"]
+socket.remove-on-stop = true
+service.exec-start = ["{PY}", "{ECHO}"]
+""")
+    sock = tmp_path / "control.sock"
+
+    def start(env=None):
+        a = activator("serve", "--log-format", "json", "--control-socket", sock, config, env=env)
+        a.wait_listening(3, timeout=30)
+        return a
+
+    return start, sock, ports, path, config
+
+
+def daemon_pid(sock: Path, port: int) -> int:
+    with ClientLoad(("127.0.0.1", port), clients=1, max_seconds=20) as load:
+        wait_for(lambda: load.report.served > 0, 20, what="the daemon to serve")
+    return wait_for(lambda: unit(sock, "daemon")["main_pid"], 10, what="the daemon's pid")
+
+
+def test_reexec_under_load_keeps_sockets_daemons_and_counters(two_units, capsys):
+    start, sock, ports, path, _ = two_units
+    a = start()
+    pid = daemon_pid(sock, ports["daemon"])
+    loads = [ClientLoad(("127.0.0.1", ports[name]), clients=4, max_seconds=60, timeout=20) for name in ("echo", "daemon")]
+    for load in loads:
+        load.start()
+    try:
+        wait_for(lambda: all(load.report.served >= 20 for load in loads), 30, what="both loads to be served")
+        before = unit(sock, "echo")["counters"]["accepted"]
+        served = [load.report.served for load in loads]
+        done = ctl(sock, "reexec")
+        assert done.returncode == 0, done.stderr + a.log
+        assert f"re-executed: pid {a.pid}" in done.stdout
+        # Served by the new process: more connections on both after the reexec-done line.
+        wait_event(a, "reexec-done")
+        wait_for(lambda: all(load.report.served >= s + 20 for load, s in zip(loads, served)), 30,
+                 what="both loads to be served after the re-exec")
+    finally:
+        reports = [load.stop() for load in loads]
+    for name, report in zip(("echo", "daemon"), reports):
+        with capsys.disabled():
+            print(f"\nre-exec under load, {name}: {report.summary()}")
+        assert report.refused == 0 and report.failed == 0, (name, report.summary(), report.errors)
+    status = call("status", socket_path=str(sock))
+    assert status["activator"]["pid"] == a.pid and status["activator"]["reexecs"] == 1
+    echo, daemon = status["units"]
+    assert daemon["main_pid"] == pid and pid_alive(pid)
+    assert daemon["counters"]["starts"] == 1, "no daemon restarted"
+    assert echo["counters"]["accepted"] > before, "counters go on"
+    assert echo["counters"]["accepted"] >= reports[0].served
+    done = wait_event(a, "reexec-done")
+    assert a.pid > 0 and done["unit"] is None
+    assert [e["event"] for e in events(a) if e["event"].startswith("reexec")] == ["reexec", "reexec-done"]
+    # A reload after the re-exec works (the configuration paths were carried), and so does a stop.
+    a.signal(signal.SIGHUP)
+    reloaded = wait_event(a, "reload")
+    assert "2 unchanged" in reloaded["message"]
+    assert a.stop() == 0
+    assert not pid_alive(pid)
+    assert not path.exists(), "remove-on-stop still removes the unix socket file"
+    assert not sock.exists()
+
+
+def test_a_new_version_that_cannot_read_the_state_refuses_before_the_exec(two_units):
+    start, sock, ports, _, config = two_units
+    older = "import activator.reexec as r; r.VERSION = 0; import activator.__main__ as m; m.main()"
+    a = start(env={reexec.ENV_ARGV: shlex.join([PY, "-c", older])})
+    pid = daemon_pid(sock, ports["daemon"])
+    with ClientLoad(("127.0.0.1", ports["daemon"]), clients=2, max_seconds=30) as load:
+        done = ctl(sock, "reexec")
+        assert done.returncode == 1
+        assert "state format version 1 is not supported (this activator reads 0)" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        served = load.report.served
+        wait_for(lambda: load.report.served > served + 5, 20, what="still serving")
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.summary()
+    failed = wait_event(a, "reexec-failed")
+    assert "cannot take over" in failed["message"]
+    assert not [e for e in events(a) if e["event"] == "reexec"], "no exec was tried"
+    assert unit(sock, "daemon")["main_pid"] == pid
+    # A configuration edited since it was loaded: refused too (the new process would load the new one).
+    config.write_text(config.read_text().replace("max-connections = 64", "max-connections = 63"))
+    done = ctl(sock, "reexec")
+    assert done.returncode == 1 and "changed since they were loaded" in done.stderr, done.stderr
+    assert a.stop() == 0
+
+
+def test_an_exec_that_fails_leaves_the_old_activator_serving(two_units, tmp_path):
+    start, sock, ports, _, _ = two_units
+    a = start(env={reexec.ENV_EXECUTABLE: str(tmp_path / "no-such-python")})
+    pid = daemon_pid(sock, ports["daemon"])
+    with ClientLoad(("127.0.0.1", ports["echo"]), clients=2, max_seconds=30) as load:
+        done = ctl(sock, "reexec")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "the re-exec failed, the running activator goes on" in done.stderr
+        assert "No such file or directory" in done.stderr
+        served = load.report.served
+        wait_for(lambda: load.report.served > served + 5, 20, what="still serving")
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.summary()
+    assert [e["event"] for e in events(a) if e["event"].startswith("reexec")] == ["reexec", "reexec-failed"]
+    status = call("status", socket_path=str(sock))
+    assert status["activator"]["reexec_failures"] == 1 and status["activator"]["reexecs"] == 0
+    assert unit(sock, "daemon")["main_pid"] == pid
+    # Everything was put back: the descriptors are close-on-exec again (a new daemon does not get them).
+    call("restart", socket_path=str(sock), units=["daemon"])
+    new = wait_for(lambda: (p := unit(sock, "daemon")["main_pid"]) not in (None, pid) and p, 20, what="a new daemon")
+    fds = os.listdir(f"/proc/{new}/fd")
+    assert len(fds) <= 8, fds  # stdio, its two sockets, the interpreter's own: not the control socket and more
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON (corrupted)"),
+    (json.dumps({"format": reexec.FORMAT, "version": 99}).encode(), "state format version 99 is not supported"),
+    (b'{"format": "something else"}', "is not an activator-state document"),
+])
+def test_the_check_refuses_a_corrupted_or_unknown_state(content, message):
+    fd = os.memfd_create("state")
+    try:
+        os.write(fd, content)
+        done = subprocess.run([PY, "-m", "activator", "--resume-check", str(fd)], pass_fds=(fd,),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_every_unit_field_is_carried_or_said_not_to_be():
+    """A field added to UnitState (workers, graceful restarts, ...) is carried when it holds plain values;
+    else it must be in NOT_CARRIED with why, or the export would refuse every re-exec."""
+    names = {f.name for f in dataclasses.fields(UnitState)}
+    assert set(reexec.NOT_CARRIED) <= names, set(reexec.NOT_CARRIED) - names
+    from activator.ratelimit import RateLimit
+    from activator.units import Unit
+
+    us = UnitState(Unit.__new__(Unit), [], RateLimit(10, 5))
+    us.instances = {12: "127.0.0.1", 13: None}
+    us.leftovers = {7}
+    us.paused_until = float("inf")
+    encoded = json.loads(json.dumps(reexec.encode_fields(us, "u", {**reexec.NOT_CARRIED, "stats": ""})))
+    back = UnitState(Unit.__new__(Unit), [], RateLimit(10, 5))
+    reexec.decode_fields(back, encoded, "u", reexec.NOT_CARRIED)
+    assert back.instances == us.instances and back.leftovers == {7} and back.paused_until == float("inf")
+    assert back.start_limit == us.start_limit
+    with pytest.raises(reexec.StateError, match="u.bogus: unknown to this version"):
+        reexec.decode_fields(back, {"bogus": 1}, "u", reexec.NOT_CARRIED)
