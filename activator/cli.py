@@ -304,6 +304,7 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
         if problem is not None:
             _fail(f"cannot resume: {problem}")
         if reexec.CHECK_ONLY:
+            click.echo(reexec.CHECK_OK)
             sys.exit(0)
 
     # Descriptors our parent leaked to us (not close-on-exec) must not reach the daemons;

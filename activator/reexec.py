@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -34,12 +33,13 @@ from typing import Any
 FORMAT = "activator-state"
 VERSION = 1
 STATE_MAX = 256 << 20  # bytes of state a resume reads at most
-CHECK_TIMEOUT = 60.0  # seconds the target's --resume-check may take (the loop waits; connections queue)
+CHECK_TIMEOUT = 60.0  # seconds the target's --resume-check may take (we serve meanwhile)
 # What systemd's manager takes as "re-execute yourself" (systemd(1)); SIGTERM, which systemd as PID 1 also
 # reads so, is a stop for activator (a container stop), and SIGUSR1/SIGUSR2/SIGWINCH go to the daemons.
 REEXEC_SIGNAL = signal.SIGRTMIN + 25
 ENV_RESUME = "ACTIVATOR_RESUME_FD"  # the memfd, for the new process (its command line stays the user's)
 ENV_ARGV = "ACTIVATOR_REEXEC_ARGV"
+CHECK_OK = "resume-check: ok"  # the last line of a check that says yes
 ENV_EXECUTABLE = "ACTIVATOR_REEXEC_EXECUTABLE"
 
 # UnitState fields that are not carried, and why (the rest are, generically).
@@ -196,6 +196,8 @@ def resume_main(args: list[str]) -> None:
     """``--resume FD`` ($ACTIVATOR_RESUME_FD) / ``--resume-check FD``: read the state, then run the command line
     it carries (the engine resumes instead of binding). A state this version cannot read: one line, exit 1."""
     global RESUMED, CHECK_ONLY
+    if args[0] == "--resume-check":
+        os.dup2(1, 2)  # every answer, a refusal from the command line too, on the pipe the old process reads
     if len(args) != 2 or not args[1].isascii() or not args[1].isdigit():
         sys.stderr.write(f"activator: error: usage: activator {args[0]} FD\n")
         sys.exit(2)
@@ -254,24 +256,21 @@ def _memfd(data: bytes) -> int:
     return fd
 
 
-def _check(argv: list[str], fd: int) -> str | None:
-    """Run the target with --resume-check: None when it can take over, else why not (one line)."""
-    try:
-        done = subprocess.run([*argv, "--resume-check", str(fd)], pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=CHECK_TIMEOUT, check=False)
-    except FileNotFoundError:
-        return f"{argv[0]}: not found"
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{argv[0]}: {exc}"
-    if done.returncode == 0:
-        return None
-    lines = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
-    why = lines[-1] if lines else f"exit status {done.returncode}"
-    return why.removeprefix("activator: error: ")
+@dataclasses.dataclass(eq=False)
+class _Check:
+    """The target's --resume-check, running while we go on serving: its answer comes on a pipe."""
+
+    pid: int
+    pipe: int
+    memfd: int
+    argv: list[str]
+    layout: list[tuple[str, list[str]]]
+    output: bytearray = dataclasses.field(default_factory=bytearray)
+    timer: Any = None
 
 
 class Reexec:
-    """The old process's side: what to carry besides the engine (the control socket), the exec itself."""
+    """The old process's side: what to carry besides the engine (the control socket), the check, the exec."""
 
     def __init__(self, engine: Any, servers: list[Any], inherited: list[tuple[int, str]]) -> None:
         self.engine = engine
@@ -280,15 +279,13 @@ class Reexec:
         self.count = int(RESUMED.get("reexecs", 0)) if RESUMED else 0
         self.failures = 0
         self.last_error: str | None = None
-        self._pending = False
+        self._check: _Check | None = None
 
     def status(self) -> dict[str, Any]:
         return {"reexecs": self.count, "reexec_failures": self.failures, "reexec_error": self.last_error}
 
     def busy(self) -> str | None:
         """What cannot be carried now (the reexec is refused), or None."""
-        if self._pending:
-            return "a re-exec is under way"
         found = self.engine.reexec_busy()
         if found:
             return found
@@ -297,15 +294,11 @@ class Reexec:
                 return f"the {getattr(server, 'label', 'metrics endpoint')} is not carried over a re-exec yet"
         return None
 
-    def prepare(self) -> tuple[int, list[int], list[str]]:
-        """The memfd holding the state, the descriptors to inherit, and the command to exec; StateError,
-        or StateError from the target's check."""
-        why = self.busy()
-        if why:
-            raise StateError(f"busy: {why}")
-        changed = self.engine.configuration_changed()
-        if changed:
-            raise StateError(changed)
+    def _layout(self) -> list[tuple[str, list[str]]]:
+        return [(us.name, [ss.bound.spec.label for ss in us.sockets]) for us in self.engine.units.values()]
+
+    def _state(self) -> tuple[bytes, list[int]]:
+        """The state document as it is now, and the descriptors it names; StateError."""
         engine_state, fds = self.engine.export_state()
         servers: dict[str, Any] = {}
         for server in self.servers:
@@ -318,39 +311,110 @@ class Reexec:
                  "saved_monotonic": time.monotonic(), "saved_wall": time.time(), "argv": sys.argv[1:],
                  "reexecs": self.count + 1, "servers": servers,
                  "inherited": [list(pair) for pair in self.inherited], **engine_state}
-        data = json.dumps(state, separators=(",", ":")).encode()
-        fd = _memfd(data)
-        argv = target_argv()
-        problem = _check(argv, fd)
-        if problem is not None:
-            os.close(fd)
-            raise StateError(f"the new activator cannot take over: {problem}")
-        return fd, fds, argv
+        return json.dumps(state, separators=(",", ":")).encode(), fds
 
     def request(self) -> dict[str, Any]:
-        """Check now, exec once the loop is back (after the reply went out); StateError when refused."""
-        fd, fds, argv = self.prepare()
-        self._pending = True
-        self.engine.loop.call_later(0, lambda: self.execute(fd, fds, argv))
+        """Start the target's check; the exec follows when it says yes (the loop serves meanwhile). StateError
+        when refused at once (busy, the configuration changed, the target cannot be started)."""
+        from .spawn import SpawnError, SpawnSpec, resolve
+
+        if self._check is not None:
+            raise StateError("busy: a re-exec is under way")
+        why = self.busy()
+        if why:
+            raise StateError(f"busy: {why}")
+        changed = self.engine.configuration_changed()
+        if changed:
+            raise StateError(changed)
+        data, _ = self._state()
+        memfd = _memfd(data)
+        argv = target_argv()
+        read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            program = resolve(argv[0], os.environ.get("PATH", os.defpath))
+            # fd 3 of the check is the memfd; its answer (and any error) comes on its stdout, our pipe.
+            pid = self.engine.host.spawn(SpawnSpec(executable=program, argv=[*argv, "--resume-check", "3"],
+                                                   env=dict(os.environ), fds=[memfd], stdout=write_end,
+                                                   new_session=False, new_group=True))
+        except SpawnError as exc:
+            os.close(read_end)
+            os.close(memfd)
+            raise StateError(f"the new activator cannot take over: {exc}") from None
+        finally:
+            os.close(write_end)
+        check = self._check = _Check(pid, read_end, memfd, argv, self._layout())
+        self.engine.loop.add_reader(read_end, self._on_check_output)
+        check.timer = self.engine.loop.call_later(CHECK_TIMEOUT, self._check_timeout)
         return {"pid": os.getpid(), "command": argv, "reexecs": self.count, "failures": self.failures}
 
     def signalled(self) -> None:
-        """REEXEC_SIGNAL: the same, the refusals logged."""
+        """REEXEC_SIGNAL: the same, a refusal logged."""
         try:
-            fd, fds, argv = self.prepare()
+            self.request()
         except StateError as exc:
             self.failed(str(exc))
-            return
-        self.execute(fd, fds, argv)
 
     def failed(self, why: str) -> None:
         self.failures += 1
         self.last_error = why
         self.engine.log.error("reexec-failed", f"re-exec refused, going on: {why}")
 
+    def _end_check(self) -> _Check:
+        check = self._check
+        assert check is not None
+        self._check = None
+        self.engine.loop.remove(check.pipe)
+        os.close(check.pipe)
+        if check.timer is not None:
+            check.timer.cancel()
+        return check
+
+    def _check_timeout(self) -> None:
+        check = self._end_check()
+        os.close(check.memfd)
+        self.engine.host.kill(check.pid, signal.SIGKILL)  # reaped by the engine as an orphan
+        self.failed(f"the new activator did not answer its check within {CHECK_TIMEOUT:g}s")
+
+    def _on_check_output(self) -> None:
+        check = self._check
+        if check is None:
+            return
+        try:
+            data = os.read(check.pipe, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            if len(check.output) < 65536:
+                check.output += data
+            return
+        check = self._end_check()
+        lines = [line for line in check.output.decode(errors="replace").splitlines() if line.strip()]
+        if lines[-1:] != [CHECK_OK]:
+            os.close(check.memfd)
+            why = lines[-1].removeprefix("activator: error: ") if lines else "its check ended without an answer"
+            self.failed(f"the new activator cannot take over: {why}")
+            return
+        # Yes: the state again, as it is now (counters, pids and timers moved on during the check).
+        busy = self.busy() or (None if self._layout() == check.layout else "a reload came during the check")
+        if busy:
+            os.close(check.memfd)
+            self.failed(f"busy: {busy}")
+            return
+        try:
+            data, fds = self._state()
+            os.ftruncate(check.memfd, 0)
+            os.pwrite(check.memfd, data, 0)
+        except (StateError, OSError) as exc:
+            os.close(check.memfd)
+            self.failed(str(exc))
+            return
+        self.execute(check.memfd, fds, check.argv)
+
     def execute(self, fd: int, fds: list[int], argv: list[str]) -> None:
-        """Exec ``argv`` with our arguments, the state at $ACTIVATOR_RESUME_FD; on failure everything is put back and we go on."""
-        self._pending = False
+        """Exec ``argv`` with our arguments, the state at $ACTIVATOR_RESUME_FD; on failure everything is put
+        back and we go on."""
         engine = self.engine
         log = engine.log
         log.info("reexec", f"re-executing {' '.join(argv)} with {len(engine.pids)} process(es) and "
@@ -360,11 +424,11 @@ class Reexec:
         everything = [fd, *fds]
         # Blocked across the exec: a signal then waits for the new process (pending signals and the mask are
         # kept by execve) instead of killing us with its default action while no handler is installed.
+        program = os.environ.get(ENV_EXECUTABLE) or argv[0]
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
         try:
             for each in everything:
                 os.set_inheritable(each, True)
-            program = os.environ.get(ENV_EXECUTABLE) or argv[0]
             os.execve(program, [*argv, *sys.argv[1:]], {**os.environ, ENV_RESUME: str(fd)})
         except OSError as exc:
             for each in everything:

@@ -1686,12 +1686,14 @@ class Engine:
             if not us.restart_pending:
                 self.loop.dispatch(partial(self._arm, us), us)
         carried = self.resumed or {}
+        pause = time.monotonic() - float(carried.get("saved_monotonic") or time.monotonic())
         self.log.info("reexec-done", f"took over {len(self.units)} unit(s), {len(self.pids)} process(es), "
-                                     f"{sum(len(us.sockets) for us in self.units.values())} socket(s) "
+                                     f"{sum(len(us.sockets) for us in self.units.values())} socket(s); "
+                                     f"{pause * 1000:.0f} ms without an activator "
                                      f"(re-exec #{carried.get('reexecs')}, from activator "
                                      f"{carried.get('activator_version')})")
         self.publish("reexec-done", None, units=len(self.units), pids=sorted(self.pids),
-                     reexecs=carried.get("reexecs"))
+                     reexecs=carried.get("reexecs"), pause=round(pause, 3))
 
 
 def _in_start_order(states: list[UnitState]) -> list[UnitState]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from activator import reexec
-from activator.control import call
+from activator.control import ControlError, call
 from activator.loadgen import ClientLoad
 from activator.supervisor import UnitState
 from conftest import DAEMONS, free_port, pid_alive, wait_for
@@ -107,9 +109,11 @@ def test_reexec_under_load_keeps_sockets_daemons_and_counters(two_units, capsys)
                  what="both loads to be served after the re-exec")
     finally:
         reports = [load.stop() for load in loads]
+    pause = re.search(r"; (\d+) ms without an activator", wait_event(a, "reexec-done")["message"])
+    assert pause, a.log
     for name, report in zip(("echo", "daemon"), reports):
         with capsys.disabled():
-            print(f"\nre-exec under load, {name}: {report.summary()}")
+            print(f"\nre-exec under load ({pause[1]} ms without an activator), {name}: {report.summary()}")
         assert report.refused == 0 and report.failed == 0, (name, report.summary(), report.errors)
     status = call("status", socket_path=str(sock))
     assert status["activator"]["pid"] == a.pid and status["activator"]["reexecs"] == 1
@@ -189,11 +193,11 @@ def test_the_check_refuses_a_corrupted_or_unknown_state(content, message):
     try:
         os.write(fd, content)
         done = subprocess.run([PY, "-m", "activator", "--resume-check", str(fd)], pass_fds=(fd,),
-                              capture_output=True, text=True, timeout=60)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     finally:
         os.close(fd)
     assert done.returncode == 1
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert message in done.stdout and len(done.stdout.strip().splitlines()) == 1, done.stdout
 
 
 def test_every_unit_field_is_carried_or_said_not_to_be():
@@ -215,3 +219,60 @@ def test_every_unit_field_is_carried_or_said_not_to_be():
     assert back.start_limit == us.start_limit
     with pytest.raises(reexec.StateError, match="u.bogus: unknown to this version"):
         reexec.decode_fields(back, {"bogus": 1}, "u", reexec.NOT_CARRIED)
+
+
+def test_reexec_by_signal_as_pid1_of_a_pid_namespace(activator, tmp_path):
+    """`activator run` as PID 1 (a container): SIGRTMIN+25 re-executes it; the daemon (pid 2 inside) goes on."""
+    from test_pid1 import Pid1, unshare_prefix
+
+    port = free_port()
+    sock = tmp_path / "control.sock"
+    a = activator("run", "--log-format", "json", "--control-socket", sock, "--now", "-l", f"127.0.0.1:{port}", "--",
+                  PY, ECHO, argv_prefix=unshare_prefix())
+    p = Pid1(a)
+    wait_for(lambda: unit_pid(sock), 20, what="the daemon")
+    pid = unit_pid(sock)
+    with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=60, timeout=20) as load:
+        wait_for(lambda: load.report.served >= 20, 30, what="the load to be served")
+        p.signal(reexec.REEXEC_SIGNAL)
+        done = wait_event(a, "reexec-done")
+        served = load.report.served
+        wait_for(lambda: load.report.served >= served + 20, 30, what="served after the re-exec")
+    assert load.report.refused == 0 and load.report.failed == 0, load.report.summary()
+    assert done["message"].startswith("took over 1 unit(s), 1 process(es)")
+    status = call("status", socket_path=str(sock))
+    assert status["activator"]["pid"] == 1 and status["activator"]["reexecs"] == 1
+    assert unit_pid(sock) == pid
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+
+
+def unit_pid(sock: Path) -> int | None:
+    try:
+        return call("status", socket_path=str(sock))["units"][0]["main_pid"]
+    except ControlError:
+        return None
+
+
+def test_a_busy_unit_refuses_the_reexec_saying_what_is_busy(activator, tmp_path):
+    port = free_port()
+    config = tmp_path / "u.toml"
+    config.write_text(f"""
+[slow]
+socket.listen-stream = "127.0.0.1:{port}"
+service.exec-start-pre = ["sleep", "30"]
+service.exec-start = ["{PY}", "{ECHO}"]
+""")
+    sock = tmp_path / "control.sock"
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
+    a.wait_listening()
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)  # triggers the start: sleep 30 first
+    try:
+        wait_for(lambda: unit(sock, "slow")["state"] == "starting", 20, what="the start job")
+        done = ctl(sock, "reexec")
+        assert done.returncode == 1
+        assert "busy: unit slow: a start, exec-reload or control command is under way" in done.stderr, done.stderr
+        assert call("status", socket_path=str(sock))["activator"]["reexecs"] == 0
+    finally:
+        client.close()
+    assert a.stop() == 0
