@@ -162,7 +162,7 @@ def parse(raw: bytes) -> dict[str, Any]:
     version = state.get("version")
     if version != VERSION:
         raise StateError(f"state format version {version!r} is not supported (this activator reads {VERSION})")
-    for key, kind in (("argv", list), ("units", list), ("stats", dict), ("inherited", list)):
+    for key, kind in (("argv", list), ("units", list), ("stats", dict), ("inherited", list), ("notify", dict)):
         if not isinstance(state.get(key), kind):
             raise StateError(f"the state has no valid {key!r}")
     return state
@@ -419,7 +419,6 @@ class Reexec:
         log = engine.log
         log.info("reexec", f"re-executing {' '.join(argv)} with {len(engine.pids)} process(es) and "
                            f"{len(fds)} descriptor(s)")
-        engine.before_exec()
         log.flush_final()
         everything = [fd, *fds]
         # Blocked across the exec: a signal then waits for the new process (pending signals and the mask are

@@ -1593,13 +1593,7 @@ class Engine:
                 return f"unit {us.name}: waiting for its previous generation to stop"
             if us.unit.proxy and (us.has_processes() or self.proxy.count(us)):
                 return f"unit {us.name}: a proxy unit with a daemon or connections (not carried yet)"
-            if self.notify.wants(us.unit) and us.has_processes():
-                return f"unit {us.name}: its daemon talks sd_notify (notify sockets are not carried yet)"
-            if self.notify.stored_fds(us):
-                return f"unit {us.name}: it has a descriptor store (not carried yet)"
-        if self.notify.foreign:
-            return "a MAINPID= process that is not our child is watched (not carried yet)"
-        return None
+        return self.notify.busy()
 
     def configuration_changed(self) -> str | None:
         """Why the configuration on disk is not the running one (the new process loads it), or None."""
@@ -1616,7 +1610,7 @@ class Engine:
 
     def export_state(self) -> tuple[dict[str, Any], list[int]]:
         """The engine's part of the re-exec state, and the descriptors it names; StateError for what has no
-        faithful form (the re-exec is refused). Idle notify sockets are dropped: made again at a start."""
+        faithful form (the re-exec is refused)."""
         units = []
         fds: list[int] = []
         skip = {**NOT_CARRIED, "stats": ""}
@@ -1634,11 +1628,8 @@ class Engine:
             units.append({"name": us.name, "fields": encode_fields(us, us.name, skip), "sockets": sockets,
                           "timers": timers})
         stats = {name: encode(st, f"stats.{name}") for name, st in self.stats_by_name.items()}
-        return {"units": units, "stats": stats, "exit_code": self.exit_code}, fds
-
-    def before_exec(self) -> None:
-        """Right before the exec: what is not carried and idle (notify sockets of stopped units) is closed."""
-        self.notify.close()
+        notify, more = self.notify.export_state()
+        return {"units": units, "stats": stats, "exit_code": self.exit_code, "notify": notify}, fds + more
 
     def resume(self, state: dict[str, Any]) -> None:
         """Instead of open(): take over the sockets, processes, counters, limits and timers of ``state`` (a
@@ -1673,6 +1664,7 @@ class Engine:
                 if us.paused_until:
                     us.pause_timer = self.loop.call_at(us.paused_until, partial(self._unpause, us), us)
         self._pending = []
+        self.notify.resume(state["notify"])
         self.exit_code = int(state.get("exit_code", 0))
         self.resumed = state
 

@@ -276,3 +276,30 @@ service.exec-start = ["{PY}", "{ECHO}"]
     finally:
         client.close()
     assert a.stop() == 0
+
+
+def test_a_notify_daemon_keeps_its_notify_socket_and_watchdog(activator, tmp_path):
+    """type = notify with a watchdog: its NOTIFY_SOCKET, readiness and watchdog deadline are carried; the
+    daemon's pings after the re-exec reach the new process, whose watchdog fires once they stop."""
+    port = free_port()
+    config = tmp_path / "u.toml"
+    config.write_text(f"""
+[dog]
+socket.listen-stream = "127.0.0.1:{port}"
+service.type = "notify"
+service.watchdog-sec = "3s"
+service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "watchdog", "{tmp_path}"]
+""")
+    sock = tmp_path / "control.sock"
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
+    a.wait_listening()
+    call("start", socket_path=str(sock), units=["dog"])
+    ready = wait_event(a, "ready")
+    done = ctl(sock, "reexec")  # while it pings (3 pings a second apart, then it hangs)
+    assert done.returncode == 0, done.stderr + a.log
+    wait_event(a, "reexec-done")
+    fired = wait_event(a, "watchdog", timeout=30)
+    assert fired["pid"] == ready["pid"] and "no WATCHDOG=1 within 3s" in fired["message"]
+    order = [e["event"] for e in events(a) if e["event"] in ("ready", "reexec-done", "watchdog")]
+    assert order == ["ready", "reexec-done", "watchdog"], order
+    assert a.stop() == 0
