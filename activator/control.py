@@ -833,13 +833,16 @@ def _open_control(engine: Engine, settings: ControlSettings) -> ControlServer | 
     return ControlServer(engine, path, sock)
 
 
-def _resumed_control(engine: Engine) -> ControlServer | None:
-    """After a re-exec: the control socket we held before it (the state says which), or None."""
+def _carried(kind: str) -> dict[str, Any] | None:
+    """After a re-exec: the state's entry of the server ``kind`` (control, metrics), or None."""
     from . import reexec
 
-    entry = (reexec.RESUMED or {}).get("servers", {}).get("control") if not reexec.CHECK_ONLY else None
-    if not isinstance(entry, dict):
-        return None
+    entry = (reexec.RESUMED or {}).get("servers", {}).get(kind) if not reexec.CHECK_ONLY else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _resumed_control(engine: Engine, entry: dict[str, Any]) -> ControlServer:
+    """After a re-exec: the control socket we held before it."""
     sock = socket.socket(fileno=int(entry["fd"]))
     os.set_inheritable(sock.fileno(), False)
     return ControlServer(engine, str(entry["path"]), sock, float(entry["started"]))
@@ -851,14 +854,14 @@ def attach_control(engine: Engine, settings: ControlSettings | None) -> Iterator
     that a failure here leaves nothing bound), serve them from its loop, close them at the end."""
     servers: list[Any] = []
     try:
-        carried = _resumed_control(engine)
-        if carried is not None:
-            servers.append(carried)
-        elif settings is not None and settings.metrics_listen:
+        if settings is not None and settings.metrics_listen:
             from .metrics import open_metrics
 
-            servers.append(open_metrics(engine, settings.metrics_listen))
-        if carried is None and settings is not None and settings.enabled:
+            servers.append(open_metrics(engine, settings.metrics_listen, _carried("metrics")))
+        carried = _carried("control")
+        if carried is not None:
+            servers.append(_resumed_control(engine, carried))
+        elif settings is not None and settings.enabled:
             control = _open_control(engine, settings)
             if control is not None:
                 servers.append(control)

@@ -133,6 +133,12 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def carry_socket(bound: Any) -> dict[str, Any]:
+    """A BoundSocket as the state holds it (activator.sockets.adopt takes it back)."""
+    return {"fd": bound.fileno(), "file": encode(bound.file, "file") if bound.file is not None else None,
+            "created_dirs": encode(bound.created_dirs, "created_dirs"), "trusted": sorted(bound.trusted)}
+
+
 def encode_fields(obj: Any, where: str, skip: dict[str, str]) -> dict[str, Any]:
     """Every dataclass field of ``obj`` but those in ``skip``, encoded."""
     return {f.name: encode(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)
@@ -401,6 +407,11 @@ class Reexec:
         if busy:
             os.close(check.memfd)
             self.failed(f"busy: {busy}")
+            return
+        changed = self.engine.configuration_changed()  # edited during the check: the new one would load it
+        if changed:
+            os.close(check.memfd)
+            self.failed(changed)
             return
         try:
             data, fds = self._state()

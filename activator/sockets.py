@@ -550,12 +550,14 @@ def open_socket(spec: ListenSpec, replacing: Collection[BoundSocket] = ()) -> Bo
     return bound
 
 
-def adopt(spec: ListenSpec, fd: int, file: dict | None, created_dirs: list, trusted: list[int]) -> BoundSocket:
-    """A socket we held before a re-exec, as open_socket() left it (its file and directories still ours,
-    from activator.reexec's encoding of SocketFile and CreatedDir); OSError when ``fd`` is not a socket."""
+def adopt(spec: ListenSpec, carried: dict) -> BoundSocket:
+    """A socket we held before a re-exec, as open_socket() left it: its file and directories still ours
+    (``carried``: activator.reexec.carry_socket's); OSError when its fd is not a socket."""
+    fd = int(carried["fd"])
+    file, created_dirs = carried["file"], carried["created_dirs"]
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
-    bound = BoundSocket(spec, sock, trusted=frozenset(trusted))
+    bound = BoundSocket(spec, sock, trusted=frozenset(carried["trusted"]))
     if file is not None:
         f = file["fields"]
         bound.file = SocketFile(f["path"], tuple(f["parent"]), tuple(f["inode"]), f["ctime_ns"])  # type: ignore[arg-type]

@@ -40,7 +40,8 @@ from .loop import Loop, TimerHandle, cancel
 from .protocol import STRIP_ENV, listen_environment
 from .proxy import Proxy
 from .ratelimit import RateLimit
-from .reexec import NOT_CARRIED, REEXEC_SIGNAL, StateError, decode_fields, decode_into, encode, encode_fields
+from .reexec import (NOT_CARRIED, REEXEC_SIGNAL, StateError, carry_socket, decode_fields, decode_into, encode,
+                     encode_fields)
 from .sdnotify import NotifyHub
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
@@ -1617,12 +1618,9 @@ class Engine:
         for us in self.units.values():
             sockets = []
             for ss in us.sockets:
-                b = ss.bound
-                sockets.append({"label": b.spec.label, "fd": b.fileno(), "trigger": encode(ss.trigger, "trigger"),
-                                "file": encode(b.file, "file") if b.file is not None else None,
-                                "created_dirs": encode(b.created_dirs, "created_dirs"),
-                                "trusted": sorted(b.trusted)})
-                fds.append(b.fileno())
+                sockets.append({"label": ss.bound.spec.label, "trigger": encode(ss.trigger, "trigger"),
+                                **carry_socket(ss.bound)})
+                fds.append(ss.bound.fileno())
             timers = {name: handle.when for name, handle in (("restart", us.restart_timer), ("kill", us.kill_timer))
                       if handle is not None and handle.active}
             units.append({"name": us.name, "fields": encode_fields(us, us.name, skip), "sockets": sockets,
@@ -1646,8 +1644,7 @@ class Engine:
                 entry = carried.get(unit.name)
                 if entry is None or (entry["sockets"] and len(entry["sockets"]) != len(unit.sockets)):
                     raise StateError(f"{unit.name}: not in the state as configured")
-                bound = [adopt(spec, s["fd"], s["file"], s["created_dirs"], s["trusted"])
-                         for spec, s in zip(unit.sockets, entry["sockets"])]
+                bound = [adopt(spec, s) for spec, s in zip(unit.sockets, entry["sockets"])]
                 us = self._plan_state(unit, bound)
                 self._claim_sockets(us)
                 decode_fields(us, entry["fields"], unit.name, skip)

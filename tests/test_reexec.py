@@ -303,3 +303,24 @@ service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "watchdo
     order = [e["event"] for e in events(a) if e["event"] in ("ready", "reexec-done", "watchdog")]
     assert order == ["ready", "reexec-done", "watchdog"], order
     assert a.stop() == 0
+
+
+def test_the_metrics_endpoint_is_carried(two_units, activator, tmp_path):
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    _, sock, ports, _, config = two_units
+    metrics = free_port()
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, "--metrics-listen",
+                  f"127.0.0.1:{metrics}", config)
+    a.wait_listening(3, timeout=30)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=20) as reply:
+            return reply.read().decode()
+
+    assert "activator_" in scrape()
+    done = ctl(sock, "reexec")
+    assert done.returncode == 0, done.stderr + a.log
+    assert "activator_" in scrape()
+    assert a.stop() == 0
