@@ -355,14 +355,13 @@ class NotifyHub:
 
     def busy(self) -> str | None:
         """What a re-exec cannot carry of ours (it is refused), or None."""
-        if any(self.stores.values()):
-            return f"unit {next(n for n, v in self.stores.items() if v)}: it has a descriptor store (not carried yet)"
         if self.foreign:
             return "a MAINPID= process that is not our child is watched (not carried yet)"
         return None
 
     def export_state(self) -> tuple[dict[str, Any], list[int]]:
-        """The notify sockets (by unit name) and each running daemon's readiness, status and deadlines."""
+        """The notify sockets (by unit name), each running daemon's readiness, status and deadlines, and the
+        descriptor stores."""
         sockets = {name: {"fd": sock.fileno(), "path": sock.path, "address": sock.address, "owner": list(sock.owner)}
                    for name, sock in self.sockets.items()}
         runs = {}
@@ -376,8 +375,12 @@ class NotifyHub:
                 "watchdog_due": run.watchdog_timer.when if run.watchdog_timer is not None and run.watchdog_timer.active
                 else None,
             }
-        state = {"directory": self.directory, "counter": self._counter, "sockets": sockets, "runs": runs}
-        return state, [sock.fileno() for sock in self.sockets.values()]
+        stores = {name: [{"name": s.name, "fd": s.fd, "key": list(s.key), "polled": s.polled} for s in store]
+                  for name, store in self.stores.items() if store}
+        state = {"directory": self.directory, "counter": self._counter, "sockets": sockets, "runs": runs,
+                 "stores": stores}
+        fds = [sock.fileno() for sock in self.sockets.values()] + [s.fd for store in self.stores.values() for s in store]
+        return state, fds
 
     def resume(self, state: dict[str, Any]) -> None:
         """After a re-exec: the same sockets (daemons keep their NOTIFY_SOCKET), runs and deadlines."""
@@ -388,6 +391,15 @@ class NotifyHub:
                                       (int(entry["owner"][0]), int(entry["owner"][1])))
             self.sockets[name] = sock
             self.loop.add_reader(sock.fileno(), partial(self._on_readable, name, sock))
+        for name, items in state["stores"].items():
+            store = self.stores.setdefault(name, [])
+            for item in items:
+                fd = int(item["fd"])
+                os.set_inheritable(fd, False)
+                store.append(StoredFd(str(item["name"]), fd, (int(item["key"][0]), int(item["key"][1])),
+                                      bool(item["polled"])))
+                if item["polled"]:
+                    self._watch_stored(fd)
         for name, entry in state["runs"].items():
             us = self.engine.units.get(name)
             if us is None:

@@ -324,3 +324,53 @@ def test_the_metrics_endpoint_is_carried(two_units, activator, tmp_path):
     assert done.returncode == 0, done.stderr + a.log
     assert "activator_" in scrape()
     assert a.stop() == 0
+
+
+def test_the_descriptor_store_is_carried(activator, tmp_path):
+    """A connection a daemon put in its descriptor store before the re-exec is handed to its next run by the
+    new process: the client keeps talking on the same connection to three generations of the daemon."""
+    port = free_port()
+    config = tmp_path / "u.toml"
+    config.write_text(f"""
+[store]
+socket.listen-stream = "127.0.0.1:{port}"
+service.type = "notify"
+service.file-descriptor-store-max = 4
+service.restart = "on-failure"
+service.restart-sec = "0.1s"
+service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "fdstore"]
+""")
+    sock = tmp_path / "control.sock"
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
+    a.wait_listening()
+    client = socket.create_connection(("127.0.0.1", port), timeout=20)
+    reader = client.makefile("rb")
+
+    def ping(n: int) -> int:
+        client.sendall(b"ping %d\n" % n)
+        line = reader.readline()
+        assert line.startswith(b"pong %d from " % n), line
+        return int(line.split()[-1])
+
+    def taken_back(count: int) -> None:  # the next run has the stored connection (before that, a ping is lost)
+        wait_for(lambda: len([e for e in events(a) if e["event"] == "status" and "1 connection(s) taken back"
+                              in e["message"]]) >= count, 30, what=f"run {count + 1} to take the connection back")
+
+    try:
+        first = ping(1)
+        client.sendall(b"restart\n")  # stored, exits 3, restarted with it
+        taken_back(1)
+        second = ping(2)
+        assert second != first
+        done = ctl(sock, "reexec")
+        assert done.returncode == 0, done.stderr + a.log
+        wait_event(a, "reexec-done")
+        client.sendall(b"restart\n")  # stored again; the new activator restarts it with the store it carried
+        taken_back(2)
+        third = ping(3)
+        assert third not in (first, second)
+        assert unit(sock, "store")["main_pid"] == third
+    finally:
+        reader.close()
+        client.close()
+    assert a.stop() == 0
