@@ -247,6 +247,16 @@ def test_reexec_by_signal_as_pid1_of_a_pid_namespace(activator, tmp_path):
     assert p.wait() == 0
 
 
+def serve_one(activator, tmp_path: Path, units: str):
+    """`activator serve` of the TOML ``units`` (one socket), JSON log, a control socket: (activator, socket)."""
+    config = tmp_path / "u.toml"
+    config.write_text(units)
+    sock = tmp_path / "control.sock"
+    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
+    a.wait_listening()
+    return a, sock
+
+
 def unit_pid(sock: Path) -> int | None:
     try:
         return call("status", socket_path=str(sock))["units"][0]["main_pid"]
@@ -256,16 +266,12 @@ def unit_pid(sock: Path) -> int | None:
 
 def test_a_busy_unit_refuses_the_reexec_saying_what_is_busy(activator, tmp_path):
     port = free_port()
-    config = tmp_path / "u.toml"
-    config.write_text(f"""
+    a, sock = serve_one(activator, tmp_path, f"""
 [slow]
 socket.listen-stream = "127.0.0.1:{port}"
 service.exec-start-pre = ["sleep", "30"]
 service.exec-start = ["{PY}", "{ECHO}"]
 """)
-    sock = tmp_path / "control.sock"
-    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
-    a.wait_listening()
     client = socket.create_connection(("127.0.0.1", port), timeout=10)  # triggers the start: sleep 30 first
     try:
         wait_for(lambda: unit(sock, "slow")["state"] == "starting", 20, what="the start job")
@@ -282,17 +288,13 @@ def test_a_notify_daemon_keeps_its_notify_socket_and_watchdog(activator, tmp_pat
     """type = notify with a watchdog: its NOTIFY_SOCKET, readiness and watchdog deadline are carried; the
     daemon's pings after the re-exec reach the new process, whose watchdog fires once they stop."""
     port = free_port()
-    config = tmp_path / "u.toml"
-    config.write_text(f"""
+    a, sock = serve_one(activator, tmp_path, f"""
 [dog]
 socket.listen-stream = "127.0.0.1:{port}"
 service.type = "notify"
 service.watchdog-sec = "3s"
 service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "watchdog", "{tmp_path}"]
 """)
-    sock = tmp_path / "control.sock"
-    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
-    a.wait_listening()
     call("start", socket_path=str(sock), units=["dog"])
     ready = wait_event(a, "ready")
     done = ctl(sock, "reexec")  # while it pings (3 pings a second apart, then it hangs)
@@ -330,8 +332,7 @@ def test_the_descriptor_store_is_carried(activator, tmp_path):
     """A connection a daemon put in its descriptor store before the re-exec is handed to its next run by the
     new process: the client keeps talking on the same connection to three generations of the daemon."""
     port = free_port()
-    config = tmp_path / "u.toml"
-    config.write_text(f"""
+    a, sock = serve_one(activator, tmp_path, f"""
 [store]
 socket.listen-stream = "127.0.0.1:{port}"
 service.type = "notify"
@@ -340,9 +341,6 @@ service.restart = "on-failure"
 service.restart-sec = "0.1s"
 service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "fdstore"]
 """)
-    sock = tmp_path / "control.sock"
-    a = activator("serve", "--log-format", "json", "--control-socket", sock, config)
-    a.wait_listening()
     client = socket.create_connection(("127.0.0.1", port), timeout=20)
     reader = client.makefile("rb")
 
