@@ -249,6 +249,14 @@ def target_argv() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "activator"]
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def _memfd(data: bytes) -> int:
     fd = os.memfd_create("activator-state", os.MFD_CLOEXEC)
     try:
@@ -306,6 +314,7 @@ class Reexec:
     def _state(self) -> tuple[bytes, list[int]]:
         """The state document as it is now, and the descriptors it names; StateError."""
         engine_state, fds = self.engine.export_state()
+        fds += [fd for fd, _ in self.inherited if fd not in fds and _is_open(fd)]  # for a later listen-inherited
         servers: dict[str, Any] = {}
         for server in self.servers:
             entry, more = server.reexec_state()
@@ -363,7 +372,9 @@ class Reexec:
     def failed(self, why: str) -> None:
         self.failures += 1
         self.last_error = why
-        self.engine.log.error("reexec-failed", f"re-exec refused, going on: {why}")
+        # Collapsed by reason: a storm of REEXEC_SIGNALs while one is under way is a few lines, not one each.
+        self.engine.log.error("reexec-failed", f"re-exec refused, going on: {why}", collapse_key=why,
+                              collapse_what="re-execs refused")
 
     def _end_check(self) -> _Check:
         check = self._check
