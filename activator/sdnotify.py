@@ -353,15 +353,9 @@ class NotifyHub:
             _remove_directory(self.directory)
             self.directory = None
 
-    def busy(self) -> str | None:
-        """What a re-exec cannot carry of ours (it is refused), or None."""
-        if self.foreign:
-            return "a MAINPID= process that is not our child is watched (not carried yet)"
-        return None
-
     def export_state(self) -> tuple[dict[str, Any], list[int]]:
-        """The notify sockets (by unit name), each running daemon's readiness, status and deadlines, and the
-        descriptor stores."""
+        """The notify sockets (by unit name), each running daemon's readiness, status and deadlines, the
+        descriptor stores and the pidfds of MAINPID= processes that are not our children."""
         sockets = {name: {"fd": sock.fileno(), "path": sock.path, "address": sock.address, "owner": list(sock.owner)}
                    for name, sock in self.sockets.items()}
         runs = {}
@@ -378,9 +372,9 @@ class NotifyHub:
         stores = {name: [{"name": s.name, "fd": s.fd, "key": list(s.key), "polled": s.polled} for s in store]
                   for name, store in self.stores.items() if store}
         state = {"directory": self.directory, "counter": self._counter, "sockets": sockets, "runs": runs,
-                 "stores": stores}
+                 "stores": stores, "foreign": [[pid, fd] for pid, fd in self.foreign.items()]}
         fds = [sock.fileno() for sock in self.sockets.values()] + [s.fd for store in self.stores.values() for s in store]
-        return state, fds
+        return state, fds + list(self.foreign.values())
 
     def resume(self, state: dict[str, Any]) -> None:
         """After a re-exec: the same sockets (daemons keep their NOTIFY_SOCKET), runs and deadlines."""
@@ -391,6 +385,14 @@ class NotifyHub:
                                       (int(entry["owner"][0]), int(entry["owner"][1])))
             self.sockets[name] = sock
             self.loop.add_reader(sock.fileno(), partial(self._on_readable, name, sock))
+        for pid, fd in state["foreign"]:  # MAINPID= processes that are not our children: their pidfds
+            os.set_inheritable(fd, False)
+            owner = self.engine.unit_of_pid(pid)
+            if owner is None:
+                os.close(fd)
+                continue
+            self.foreign[pid] = fd
+            self.loop.add_reader(fd, partial(self._foreign_exited, owner, pid), owner)
         for name, items in state["stores"].items():
             store = self.stores.setdefault(name, [])
             for item in items:

@@ -1594,7 +1594,7 @@ class Engine:
                 return f"unit {us.name}: waiting for its previous generation to stop"
             if us.unit.proxy and (us.has_processes() or self.proxy.count(us)):
                 return f"unit {us.name}: a proxy unit with a daemon or connections (not carried yet)"
-        return self.notify.busy()
+        return None
 
     def configuration_changed(self) -> str | None:
         """Why the configuration on disk is not the running one (the new process loads it), or None."""

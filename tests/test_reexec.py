@@ -372,3 +372,26 @@ service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "fdstore
         reader.close()
         client.close()
     assert a.stop() == 0
+
+
+def test_a_main_pid_that_is_not_our_child_is_still_watched(activator, tmp_path):
+    """MAINPID= of a grandchild: its pidfd is carried, so the new process sees it exit."""
+    port = free_port()
+    a, sock = serve_one(activator, tmp_path, f"""
+[main]
+socket.listen-stream = "127.0.0.1:{port}"
+service.type = "notify"
+service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "mainpid"]
+""")
+    call("start", socket_path=str(sock), units=["main"])
+    wait_event(a, "ready")
+    child = wait_for(lambda: unit_pid(sock), 20, what="the main pid")
+    assert call("status", socket_path=str(sock))["units"][0]["main_pid"] == child
+    done = ctl(sock, "reexec")
+    assert done.returncode == 0, done.stderr + a.log
+    wait_event(a, "reexec-done")
+    assert unit_pid(sock) == child
+    os.kill(child, signal.SIGKILL)  # the grandchild the test started through activator
+    wait_for(lambda: [e for e in events(a) if e["event"] == "exit" and e["pid"] == child], 20,
+             what="its exit, seen through the carried pidfd")
+    assert a.stop() == 0
