@@ -336,6 +336,7 @@ def _engine_main(units, verbose, log_format, forward, exit_with_service=False, r
         except (reexec.StateError, OSError, KeyError, TypeError, ValueError) as exc:
             # After the exec, with no way back: the daemons are stopped rather than left unsupervised.
             log.error("reexec-failed", f"cannot take over the state: {exc!r}; stopping everything")
+            reexec.unblock_signals()  # blocked across the exec: the stop needs SIGCHLD
             engine.stop(1)
         code = engine.run()
     sys.exit(code)

@@ -433,8 +433,9 @@ class Engine:
             self._link_order()
             if self.resumed is not None:
                 self._go_on()
-            for us in _in_start_order(list(self.units.values())) if self.resumed is None else ():
-                self.loop.dispatch(partial(self._activate, us), us)
+            else:
+                for us in _in_start_order(list(self.units.values())):
+                    self.loop.dispatch(partial(self._activate, us), us)
             self.log.debug("ready", f"{len(self.units)} unit(s) ready")
             self._notify_ready()
             self.log.schedule = self.loop.call_at  # collapsed floods are summed up when their window ends
@@ -1605,7 +1606,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the loader reports user errors
             lines = getattr(exc, "messages", None) or [str(exc)]
             return f"the configuration no longer loads ({lines[0]}): fix it first"
-        if [u for u in loaded] != [us.unit for us in self.units.values()]:
+        if list(loaded) != [us.unit for us in self.units.values()]:
             return "the configuration files changed since they were loaded: `activator ctl reload` first"
         return None
 

@@ -395,3 +395,23 @@ service.exec-start = ["{PY}", "{DAEMONS / 'notifier.py'}", "activator", "mainpid
     wait_for(lambda: [e for e in events(a) if e["event"] == "exit" and e["pid"] == child], 20,
              what="its exit, seen through the carried pidfd")
     assert a.stop() == 0
+
+
+def test_a_new_process_that_fails_after_the_exec_stops_the_daemons(two_units, tmp_path):
+    """No way back after the exec: a take-over that fails stops every daemon (none is left unsupervised)."""
+    start, sock, ports, path, _ = two_units
+    hook = ("import activator.supervisor as s\n"
+            "def broken(self, state): raise OSError(5, 'broken on purpose')\n"
+            "s.Engine.resume = broken\n"
+            "from activator.__main__ import main; main()\n")
+    wrapper = tmp_path / "broken-python"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -c {shlex.quote(hook)} \"$@\"\n")
+    wrapper.chmod(0o755)
+    a = start(env={reexec.ENV_EXECUTABLE: str(wrapper)})
+    pid = daemon_pid(sock, ports["daemon"])
+    subprocess.Popen([PY, "-m", "activator", "ctl", "-s", str(sock), "reexec"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL).wait(90)
+    failed = wait_event(a, "reexec-failed")
+    assert "broken on purpose" in failed["message"] and "stopping everything" in failed["message"]
+    assert a.wait(30) == 1
+    assert not pid_alive(pid)
