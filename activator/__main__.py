@@ -42,6 +42,12 @@ def _narrow_terminal() -> bool:
 
 def main() -> None:
     args = sys.argv[1:]
+    resume = os.environ.pop("ACTIVATOR_RESUME_FD", None)  # a re-exec (activator.reexec), never for daemons
+    if resume is not None or args[:1] == ["--resume-check"]:
+        from .reexec import resume_main
+
+        resume_main(["--resume", resume] if resume is not None else args)
+        args = sys.argv[1:]  # the command line of the activator that re-executed
     if args == ["--version"]:
         from . import __version__
 

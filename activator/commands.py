@@ -289,7 +289,10 @@ def inherited_fds() -> list[tuple[int, str]]:
     a one-line error when its LISTEN_* are wrong."""
     global _inherited
     from .protocol import ProtocolError, inherited_fds as read
+    from .reexec import RESUMED
 
+    if _inherited is None and RESUMED is not None:  # a re-exec: what our parent passed the first activator
+        _inherited = [(int(fd), str(name)) for fd, name in RESUMED["inherited"]]
     if _inherited is None:
         try:
             _inherited = read()
@@ -440,12 +443,23 @@ BUILD = {"run": run, "serve": serve}
 
 def engine_main(launch: Launch) -> NoReturn:
     """Run the engine. ``launch.reloader`` (serve) returns a Configuration: its warnings are logged at each
-    reload, as ``launch.warnings`` are at start (event ``unit-file``)."""
+    reload, as ``launch.warnings`` are at start (event ``unit-file``). After a re-exec (activator.reexec) the
+    engine resumes the carried state instead of binding."""
+    from . import reexec
     from .control import attach_control
     from .log import Log
     from .processes import cloexec_all_above
     from .sockets import BindError
     from .supervisor import Engine
+
+    if reexec.RESUMED is not None:
+        problem = reexec.check_units(reexec.RESUMED, launch.units)
+        if problem is not None:
+            fail(f"cannot resume: {problem}")
+        if reexec.CHECK_ONLY:
+            sys.stdout.write(reexec.CHECK_OK + "\n")
+            sys.stdout.flush()
+            sys.exit(0)
 
     # Descriptors our parent leaked to us (not close-on-exec) must not reach the daemons;
     # the ones passed to us by socket activation are passed on explicitly, by position.
@@ -464,13 +478,22 @@ def engine_main(launch: Launch) -> NoReturn:
 
     engine = Engine(launch.units, log, exit_with_service=launch.exit_with_service, forward_signals=launch.forward,
                     reloader=reload_units if reloader else None, reload_daemons=launch.reload_daemons)
-    with attach_control(engine, launch.control):  # opened first: when it fails, nothing is bound
+    with attach_control(engine, launch.control) as servers:  # opened first: when it fails, nothing is bound
+        engine.reexec = reexec.Reexec(engine, servers, inherited_fds())
         try:
-            engine.open()
+            if reexec.RESUMED is not None:
+                engine.resume(reexec.RESUMED)
+            else:
+                engine.open()
         except BindError as exc:
             for line in exc.messages:
                 log.error("bind", line)
             sys.exit(1)
+        except (reexec.StateError, OSError, KeyError, TypeError, ValueError) as exc:
+            # After the exec, with no way back: the daemons are stopped rather than left unsupervised.
+            log.error("reexec-failed", f"cannot take over the state: {exc!r}; stopping everything")
+            reexec.unblock_signals()  # blocked across the exec: the stop needs SIGCHLD
+            engine.stop(1)
         code = engine.run()
     sys.exit(code)
 

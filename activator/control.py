@@ -578,6 +578,7 @@ def status_snapshot(engine: Engine, sampler: ProcessSampler, started: float,
             "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL, "started": started,
             "uptime": round(time.time() - started, 3), "stopping": engine.stopping,
             "process_statistics": sampler.missing,
+            **(engine.reexec.status() if engine.reexec is not None else {}),
         },
         "units": units,
     }
@@ -587,10 +588,12 @@ def status_snapshot(engine: Engine, sampler: ProcessSampler, started: float,
 class ControlServer:
     """The control protocol on a unix socket, served from the engine's loop."""
 
-    def __init__(self, engine: Engine, path: str, sock: socket.socket) -> None:
+    kind = "control"  # its entry in the state of a re-exec
+
+    def __init__(self, engine: Engine, path: str, sock: socket.socket, started: float | None = None) -> None:
         self.engine = engine
         self.path = path
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         self.sampler = ProcessSampler()
         self._inode = os.lstat(path).st_ino  # the file's, to remove it at the end only if it is still ours
         self.server = StreamServer(
@@ -601,12 +604,18 @@ class ControlServer:
         )
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": self._status, "start": self._start, "stop": self._stop, "restart": self._restart,
-            "reload": self._reload, "shutdown": self._shutdown,
+            "reload": self._reload, "shutdown": self._shutdown, "reexec": self._reexec,
             "scale": self._scale,
         }
 
     def start(self) -> None:
         self.server.start()
+
+    def reexec_state(self) -> tuple[dict[str, Any], list[int]]:
+        """What a re-exec carries of this server: its listening socket (clients connected now are not
+        carried: the one asking for the re-exec has its answer before it)."""
+        fd = self.server.sock.fileno()
+        return {"fd": fd, "path": self.path, "started": self.started}, [fd]
 
     def close(self) -> None:
         self.server.close()
@@ -744,6 +753,19 @@ class ControlServer:
             raise ControlError("failed", "the new configuration was rejected: " + "; ".join(result.errors), summary)
         return summary
 
+    def _reexec(self, request: dict[str, Any]) -> dict[str, Any]:
+        from .reexec import StateError
+
+        self._not_stopping()
+        reexec = self.engine.reexec
+        if reexec is None:
+            raise ControlError("refused", "this activator cannot re-exec")
+        try:
+            return reexec.request()
+        except StateError as exc:
+            reexec.failed(str(exc))
+            raise ControlError("refused", str(exc)) from None
+
     def _shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         if not self.engine.stopping:
             self.engine.log.info("stop", "stop requested on the control socket, stopping")
@@ -837,8 +859,23 @@ def _open_control(engine: Engine, settings: ControlSettings) -> ControlServer | 
     return ControlServer(engine, path, sock)
 
 
+def _carried(kind: str) -> dict[str, Any] | None:
+    """After a re-exec: the state's entry of the server ``kind`` (control, metrics), or None."""
+    from . import reexec
+
+    entry = (reexec.RESUMED or {}).get("servers", {}).get(kind) if not reexec.CHECK_ONLY else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _resumed_control(engine: Engine, entry: dict[str, Any]) -> ControlServer:
+    """After a re-exec: the control socket we held before it."""
+    sock = socket.socket(fileno=int(entry["fd"]))
+    os.set_inheritable(sock.fileno(), False)
+    return ControlServer(engine, str(entry["path"]), sock, float(entry["started"]))
+
+
 @contextlib.contextmanager
-def attach_control(engine: Engine, settings: ControlSettings | None) -> Iterator[None]:
+def attach_control(engine: Engine, settings: ControlSettings | None) -> Iterator[list[Any]]:
     """Open the control socket and the metrics endpoint for ``engine`` (before its own sockets, so
     that a failure here leaves nothing bound), serve them from its loop, close them at the end."""
     servers: list[Any] = []
@@ -846,14 +883,17 @@ def attach_control(engine: Engine, settings: ControlSettings | None) -> Iterator
         if settings is not None and settings.metrics_listen:
             from .metrics import open_metrics
 
-            servers.append(open_metrics(engine, settings.metrics_listen))
-        if settings is not None and settings.enabled:
+            servers.append(open_metrics(engine, settings.metrics_listen, _carried("metrics")))
+        carried = _carried("control")
+        if carried is not None:
+            servers.append(_resumed_control(engine, carried))
+        elif settings is not None and settings.enabled:
             control = _open_control(engine, settings)
             if control is not None:
                 servers.append(control)
         for server in servers:
             server.start()
-        yield
+        yield servers
     finally:
         for server in reversed(servers):
             server.close()

@@ -129,6 +129,38 @@ def reload(ctx: click.Context) -> None:
     click.echo("reloaded: " + ", ".join(parts))
 
 
+@ctl.command(short_help="Re-execute activator in place, keeping sockets and daemons.")
+@click.pass_context
+def reexec(ctx: click.Context) -> None:
+    """Re-execute activator (the same interpreter, the package installed now): the new process takes over
+    every socket, daemon, counter and rate limit, with no connection refused and no daemon restarted. Waits
+    until it answers; exit 1 when the re-exec is refused or fails (the old one goes on). See docs/reexec.md."""
+    from .control import ControlError, call
+    from .reexec import CHECK_TIMEOUT
+
+    before = _call(ctx, "reexec")
+    target = ctx.find_object(dict) or {}
+    timeout = target.get("timeout", 10.0)
+    deadline = time.monotonic() + CHECK_TIMEOUT + timeout  # the new code's check may take that long
+    failures = before.get("failures", 0)
+    while time.monotonic() < deadline:  # bounded: until the new process answers, or the old one says it failed
+        try:
+            state = call("status", socket_path=target.get("socket"), pid=before["pid"], timeout=timeout,
+                         units=[])["activator"]
+        except ControlError as exc:
+            if exc.code != "unreachable":
+                _fail(exc.message, exc.exit_status)
+            time.sleep(0.1)
+            continue
+        if state.get("reexecs", 0) > before["reexecs"]:
+            click.echo(f"re-executed: pid {state['pid']}, activator {state['version']}")
+            return
+        if state.get("reexec_failures", 0) > failures:
+            _fail(f"the re-exec failed, the running activator goes on: {state.get('reexec_error')}", 1)
+        time.sleep(0.1)
+    _fail(f"no answer from the re-executed activator within {CHECK_TIMEOUT + timeout:g}s", 4)
+
+
 @ctl.command("stop-all", short_help="Stop every daemon and exit, as SIGTERM.")
 @click.pass_context
 def stop_all(ctx: click.Context) -> None:

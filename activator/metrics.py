@@ -40,6 +40,8 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 
 
 class MetricsServer:
+    kind = "metrics"  # its entry in the state of a re-exec
+
     def __init__(self, engine: Engine, bound: Any) -> None:
         from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
         from prometheus_client.registry import CollectorRegistry
@@ -61,6 +63,12 @@ class MetricsServer:
 
     def start(self) -> None:
         self.server.start()
+
+    def reexec_state(self) -> tuple[dict[str, Any], list[int]]:
+        """What a re-exec carries: the listening socket, its file (a unix path) and the start time."""
+        from .reexec import carry_socket
+
+        return {**carry_socket(self.bound), "started": self.started}, [self.bound.fileno()]
 
     def close(self) -> None:
         self.server.close()
@@ -143,8 +151,9 @@ class MetricsServer:
             yield family
 
 
-def open_metrics(engine: Engine, address: str) -> MetricsServer:
-    """Bind ``address`` for the metrics endpoint; a one-line error and exit 1 when it cannot be."""
+def open_metrics(engine: Engine, address: str, carried: dict[str, Any] | None = None) -> MetricsServer:
+    """Bind ``address`` for the metrics endpoint (or take ``carried``, its socket before a re-exec); a
+    one-line error and exit 1 when it cannot be."""
     from .addresses import AddressError, parse_address
     from .sockets import describe_error, open_socket
     from .units import BindSpec
@@ -160,6 +169,12 @@ def open_metrics(engine: Engine, address: str) -> MetricsServer:
         engine.log.error("metrics", f"--metrics-listen: {exc}")
         sys.exit(2)
     spec = BindSpec(parsed, remove_on_stop=True)
+    if carried is not None:
+        from .sockets import adopt
+
+        server = MetricsServer(engine, adopt(spec, carried))
+        server.started = float(carried["started"])
+        return server
     try:
         bound = open_socket(spec)
     except OSError as exc:

@@ -21,6 +21,7 @@ import socket
 import struct
 from dataclasses import field
 from functools import partial
+from typing import Any
 
 from .records import dataclass
 from . import processes
@@ -152,6 +153,16 @@ class NotifySocket:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def adopt(cls, fd: int, directory: str, path: str, address: str, owner: tuple[int, int]) -> "NotifySocket":
+        """The socket we held before a re-exec (activator.reexec): bound already, its file in place."""
+        self = cls.__new__(cls)
+        self.own_directory = False
+        self.directory, self.path, self.address, self.owner = directory, path, address, owner
+        self.sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        return self
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -347,6 +358,67 @@ class NotifyHub:
         if self.directory is not None:
             _remove_directory(self.directory)
             self.directory = None
+
+    def export_state(self) -> tuple[dict[str, Any], list[int]]:
+        """The notify sockets (by unit name), each running daemon's readiness, status and deadlines, the
+        descriptor stores and the pidfds of MAINPID= processes that are not our children."""
+        sockets = {name: {"fd": sock.fileno(), "path": sock.path, "address": sock.address, "owner": list(sock.owner)}
+                   for name, sock in self.sockets.items()}
+        runs = {}
+        for us in self.engine.units.values():
+            run = self.runs.get(id(us))
+            if run is None:
+                continue
+            runs[us.name] = {
+                "pid": run.pid, "ready": run.ready, "status": run.status, "watchdog_usec": run.watchdog_usec,
+                "start_deadline": run.start_deadline if run.start_timer is not None and run.start_timer.active else None,
+                "watchdog_due": run.watchdog_timer.when if run.watchdog_timer is not None and run.watchdog_timer.active
+                else None,
+            }
+        stores = {name: [{"name": s.name, "fd": s.fd, "key": list(s.key), "polled": s.polled} for s in store]
+                  for name, store in self.stores.items() if store}
+        state = {"directory": self.directory, "counter": self._counter, "sockets": sockets, "runs": runs,
+                 "stores": stores, "foreign": [[pid, fd] for pid, fd in self.foreign.items()]}
+        fds = [sock.fileno() for sock in self.sockets.values()] + [s.fd for store in self.stores.values() for s in store]
+        return state, fds + list(self.foreign.values())
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """After a re-exec: the same sockets (daemons keep their NOTIFY_SOCKET), runs and deadlines."""
+        self.directory = state["directory"]
+        self._counter = int(state["counter"])
+        for name, entry in state["sockets"].items():
+            sock = NotifySocket.adopt(int(entry["fd"]), str(self.directory), entry["path"], entry["address"],
+                                      (int(entry["owner"][0]), int(entry["owner"][1])))
+            self.sockets[name] = sock
+            self.loop.add_reader(sock.fileno(), partial(self._on_readable, name, sock))
+        for pid, fd in state["foreign"]:  # MAINPID= processes that are not our children: their pidfds
+            os.set_inheritable(fd, False)
+            owner = self.engine.unit_of_pid(pid)
+            if owner is None:
+                os.close(fd)
+                continue
+            self.foreign[pid] = fd
+            self.loop.add_reader(fd, partial(self._foreign_exited, owner, pid), owner)
+        for name, items in state["stores"].items():
+            store = self.stores.setdefault(name, [])
+            for item in items:
+                fd = int(item["fd"])
+                os.set_inheritable(fd, False)
+                store.append(StoredFd(str(item["name"]), fd, (int(item["key"][0]), int(item["key"][1])),
+                                      bool(item["polled"])))
+                if item["polled"]:
+                    self._watch_stored(fd)
+        for name, entry in state["runs"].items():
+            us = self.engine.units.get(name)
+            if us is None:
+                continue
+            run = _Run(int(entry["pid"]), bool(entry["ready"]), entry["status"], watchdog_usec=int(entry["watchdog_usec"]))
+            self.runs[id(us)] = run
+            if entry["start_deadline"] is not None:
+                self._set_start_timer(us, run, float(entry["start_deadline"]))
+            if entry["watchdog_due"] is not None:
+                run.watchdog_timer = self.loop.call_at(float(entry["watchdog_due"]), partial(self._watchdog_fired, us, run),
+                                                       us)
 
     def drop_unit(self, name: str) -> None:
         """A unit removed by a reload: its stored descriptors are closed, its socket too."""

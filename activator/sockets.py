@@ -551,6 +551,25 @@ def open_socket(spec: ListenSpec, replacing: Collection[BoundSocket] = ()) -> Bo
     return bound
 
 
+def adopt(spec: ListenSpec, carried: dict) -> BoundSocket:
+    """A socket we held before a re-exec, as open_socket() left it: its file and directories still ours
+    (``carried``: activator.reexec.carry_socket's); OSError when its fd is not a socket."""
+    fd = int(carried["fd"])
+    file, created_dirs = carried["file"], carried["created_dirs"]
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    bound = BoundSocket(spec, sock, trusted=frozenset(carried["trusted"]))
+    if file is not None:
+        f = file["fields"]
+        bound.file = SocketFile(f["path"], tuple(f["parent"]), tuple(f["inode"]), f["ctime_ns"])  # type: ignore[arg-type]
+        _HELD[bound.file.inode] = bound
+    for entry in created_dirs:
+        d = entry["fields"]
+        bound.created_dirs.append(CreatedDir(d["path"], tuple(d["parent"]), tuple(d["inode"])))  # type: ignore[arg-type]
+    _OPEN.add(bound)
+    return bound
+
+
 def describe_error(spec: ListenSpec, exc: OSError) -> str:
     reason = exc.strerror or str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.args and len(exc.args) >= 2:

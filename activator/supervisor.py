@@ -40,6 +40,8 @@ from .loop import Loop, TimerHandle, cancel
 from .protocol import STRIP_ENV, listen_environment
 from .proxy import Proxy
 from .ratelimit import RateLimit
+from .reexec import (NOT_CARRIED, REEXEC_SIGNAL, StateError, carry_socket, decode_fields, decode_into, encode,
+                     encode_fields)
 from .sdnotify import NotifyHub
 from .settings import WORKERS_MAX
 from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
@@ -333,6 +335,8 @@ class Engine:
         self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
         self.watch = Watcher(self)  # watch-paths: restart a daemon when its files change (activator.watch)
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
+        self.reexec: Any = None  # activator.reexec.Reexec, set by the command line: ctl reexec, REEXEC_SIGNAL
+        self.resumed: dict[str, Any] | None = None  # the state this engine took over (a re-exec), if any
 
     def states(self) -> list[UnitState]:
         """Every current state: each unit's workers and, during a graceful restart, their new daemons."""
@@ -447,7 +451,7 @@ class Engine:
         self.publish("skipped", us, reason=why)
 
     def _setup_signals(self) -> None:
-        handled = {signal.SIGCHLD, signal.SIGHUP, *STOP_SIGNALS, *self.forward_signals}
+        handled = {signal.SIGCHLD, signal.SIGHUP, REEXEC_SIGNAL, *STOP_SIGNALS, *self.forward_signals}
         self.loop.handle_signals(handled, self.handle_signals)
 
     # ------------------------------------------------------------- the loop
@@ -459,8 +463,11 @@ class Engine:
             processes.set_child_subreaper()
             self._setup_signals()
             self._link_order()
-            for us in _in_start_order(list(self.units.values())):
-                self.loop.dispatch(partial(self._activate, us), us)
+            if self.resumed is not None:
+                self._go_on()
+            else:
+                for us in _in_start_order(list(self.units.values())):
+                    self.loop.dispatch(partial(self._activate, us), us)
             self.log.debug("ready", f"{len(self.units)} unit(s) ready")
             self._notify_ready()
             self.log.schedule = self.loop.call_at  # collapsed floods are summed up when their window ends
@@ -601,6 +608,9 @@ class Engine:
         elif sig == signal.SIGHUP and self.reloader is not None:
             if not self.stopping:
                 self.reload()
+        elif sig == REEXEC_SIGNAL and sig not in self.forward_signals:
+            if self.reexec is not None and not self.stopping:
+                self.reexec.signalled()
         else:
             self._forward(sig)
 
@@ -1865,6 +1875,111 @@ class Engine:
 
     def _sockets_in_use(self) -> set[int]:
         return {id(ss.bound) for us in [*self.states(), *self.draining] for ss in us.sockets}
+
+    # ---------------------------------------------------------------- re-exec
+    def reexec_busy(self) -> str | None:
+        """What a re-exec cannot carry right now (it is refused, saying so), or None (docs/reexec.md)."""
+        if self.stopping:
+            return "activator is stopping"
+        if self.draining:
+            return f"unit {self.draining[0].name}: a previous generation is still stopping"
+        for us in self.units.values():
+            if us.live_jobs or us.jobs or us.start_job is not None or us.reload_job is not None \
+                    or us.held_connections or us.waiters:
+                return f"unit {us.name}: a start, exec-reload or control command is under way"
+            if us.waiting_for is not None:
+                return f"unit {us.name}: waiting for its previous generation to stop"
+            if us.unit.proxy and (us.has_processes() or self.proxy.count(us)):
+                return f"unit {us.name}: a proxy unit with a daemon or connections (not carried yet)"
+        return None
+
+    def configuration_changed(self) -> str | None:
+        """Why the configuration on disk is not the running one (the new process loads it), or None."""
+        if self.reloader is None:
+            return None  # `run`: its units come from the command line, which the new process gets as it is
+        try:
+            loaded = self.reloader()
+        except Exception as exc:  # noqa: BLE001 - the loader reports user errors
+            lines = getattr(exc, "messages", None) or [str(exc)]
+            return f"the configuration no longer loads ({lines[0]}): fix it first"
+        if list(loaded) != [us.unit for us in self.units.values()]:
+            return "the configuration files changed since they were loaded: `activator ctl reload` first"
+        return None
+
+    def export_state(self) -> tuple[dict[str, Any], list[int]]:
+        """The engine's part of the re-exec state, and the descriptors it names; StateError for what has no
+        faithful form (the re-exec is refused)."""
+        units = []
+        fds: list[int] = []
+        skip = {**NOT_CARRIED, "stats": ""}
+        for us in self.units.values():
+            sockets = []
+            for ss in us.sockets:
+                sockets.append({"label": ss.bound.spec.label, "trigger": encode(ss.trigger, "trigger"),
+                                **carry_socket(ss.bound)})
+                fds.append(ss.bound.fileno())
+            timers = {name: handle.when for name, handle in (("restart", us.restart_timer), ("kill", us.kill_timer))
+                      if handle is not None and handle.active}
+            units.append({"name": us.name, "fields": encode_fields(us, us.name, skip), "sockets": sockets,
+                          "timers": timers})
+        stats = {name: encode(st, f"stats.{name}") for name, st in self.stats_by_name.items()}
+        notify, more = self.notify.export_state()
+        return {"units": units, "stats": stats, "exit_code": self.exit_code, "notify": notify}, fds + more
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Instead of open(): take over the sockets, processes, counters, limits and timers of ``state`` (a
+        re-exec); StateError when it does not fit the units (the check before the exec says so first)."""
+        from .sockets import adopt
+
+        self._setup_signals()
+        for name, data in state["stats"].items():
+            self.stats_by_name[name] = decode_into(UnitStats(), data, f"stats.{name}")
+        carried = {u["name"]: u for u in state["units"]}
+        skip = {**NOT_CARRIED, "stats": ""}
+        with self.log.hold():
+            for unit in self._pending:
+                entry = carried.get(unit.name)
+                if entry is None or (entry["sockets"] and len(entry["sockets"]) != len(unit.sockets)):
+                    raise StateError(f"{unit.name}: not in the state as configured")
+                bound = [adopt(spec, s) for spec, s in zip(unit.sockets, entry["sockets"])]
+                us = self._plan_state(unit, bound)
+                self._claim_sockets(us)
+                decode_fields(us, entry["fields"], unit.name, skip)
+                for ss, s in zip(us.sockets, entry["sockets"]):
+                    decode_into(ss.trigger, s["trigger"], f"{unit.name}.trigger")
+                self.units[unit.name] = us
+                for pid in us.pids():
+                    self.pids[pid] = us
+                timers = entry.get("timers", {})
+                if "restart" in timers:
+                    us.restart_timer = self.loop.call_at(timers["restart"], partial(self._restart, us), us)
+                if "kill" in timers:
+                    us.kill_timer = self.loop.call_at(timers["kill"], partial(self._kill_unit, us), us)
+                if us.paused_until:
+                    us.pause_timer = self.loop.call_at(us.paused_until, partial(self._unpause, us), us)
+        self._pending = []
+        self.notify.resume(state["notify"])
+        self.exit_code = int(state.get("exit_code", 0))
+        self.resumed = state
+
+    def _go_on(self) -> None:
+        """The first steps of a resumed engine: signals from the exec window, exits during it, listening."""
+        from .reexec import unblock_signals
+
+        unblock_signals()
+        self._reap()  # daemons that ended while no one was there to reap them
+        for us in self.units.values():
+            if not us.restart_pending:
+                self.loop.dispatch(partial(self._arm, us), us)
+        carried = self.resumed or {}
+        pause = time.monotonic() - float(carried.get("saved_monotonic") or time.monotonic())
+        self.log.info("reexec-done", f"took over {len(self.units)} unit(s), {len(self.pids)} process(es), "
+                                     f"{sum(len(us.sockets) for us in self.units.values())} socket(s); "
+                                     f"{pause * 1000:.0f} ms without an activator "
+                                     f"(re-exec #{carried.get('reexecs')}, from activator "
+                                     f"{carried.get('activator_version')})")
+        self.publish("reexec-done", None, units=len(self.units), pids=sorted(self.pids),
+                     reexecs=carried.get("reexecs"), pause=round(pause, 3))
 
 
 def _in_start_order(states: list[UnitState]) -> list[UnitState]:

@@ -318,3 +318,67 @@ def test_huge_timers_do_not_overflow_the_loop(harness):
     trigger(h)
     h.engine.stop(0)
     assert 0 < h.loop.timeout() <= (2**31 - 1) / 1000
+
+
+def resumed(h: Harness, units) -> Harness:
+    """``h``'s state through a re-exec's JSON into a new engine on a new loop (same host and clock), as
+    the new process does; the sockets change hands (the old engine lets go of them)."""
+    import json
+
+    state, _ = h.engine.export_state()
+    state = json.loads(json.dumps(state))
+    for us in h.engine.units.values():
+        for ss in us.sockets:
+            h.loop.remove(ss.bound.sock)
+            ss.bound.sock.detach()
+    h.engine.units.clear()
+    new = Harness.__new__(Harness)
+    new.clock, new.host, new.events = h.clock, h.host, []
+    new.loop = Loop(clock=new.clock)
+    new.engine = Engine(units, Log(stream=open("/dev/null", "w")), host=new.host, loop=new.loop)
+    new.engine.listeners.append(new.events.append)
+    new.engine.resume(state)
+    new.engine._link_order()
+    new.engine._go_on()
+    return new
+
+
+def test_a_reexec_carries_pids_counters_limits_and_timers(harness):
+    """Through the state a re-exec hands over: a restart due in 5 s fires 5 s after the first exit, a running
+    daemon is still the unit's (its exit is handled), a pause by the start limit ends when it would have."""
+    restarting = make_unit("r", restart="always", restart_sec=5.0)
+    running = make_unit("run")
+    paused = make_unit("p", start_limit_burst=1, start_limit_interval=30.0)
+    h = harness([restarting, running, paused])
+    trigger(h, "r")
+    first = h.host.spawned[-1]
+    h.reap(first, code=1)
+    trigger(h, "run")
+    daemon = h.host.spawned[-1]
+    trigger(h, "p")
+    h.reap(h.host.spawned[-1])
+    trigger(h, "p")
+    assert h.unit("p").state == "paused" and h.unit("r").restart_pending
+    h.advance(2.0)
+    new = resumed(h, [restarting, running, paused])
+    try:
+        check_resumed(new, daemon)
+    finally:
+        new.close()
+
+
+def check_resumed(new: Harness, daemon: int) -> None:
+    r, run, p = (new.engine.units[name] for name in ("r", "run", "p"))
+    assert r.stats.starts == 1 and r.stats.last_exit_code == 1 and r.restart_pending
+    assert run.main_pid == daemon and new.engine.unit_of_pid(daemon) is run and run.state == "running"
+    assert p.state == "paused" and p.start_limit.count == 1
+    spawned = len(new.host.spawned)
+    new.advance(2.9)
+    assert len(new.host.spawned) == spawned, "the restart is due 5 s after the exit, not 5 s after the re-exec"
+    new.advance(0.2)
+    assert len(new.host.spawned) == spawned + 1 and r.stats.restarts == 1
+    new.host.exit(daemon)
+    new.engine.handle_signals([signal.SIGCHLD])
+    assert run.main_pid is None and run.stats.last_exit_code == 0 and run.state == "listening"
+    new.advance(26.0)
+    assert p.state == "listening", "the pause ends 30 s after it began"
