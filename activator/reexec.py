@@ -63,6 +63,11 @@ NOT_CARRIED = {
     "reload_job": "an exec-reload under way: refused (busy) before the exec",
     "waiters": "starts ordered after a unit: only while a start job runs, refused (busy)",
     "ordered_after": "rebuilt from the configuration",
+    "leader": "workers are not carried yet: a unit running more than one is refused (busy) before the exec",
+    "workers": "workers are not carried yet: a unit running more than one is refused (busy) before the exec",
+    "successor": "a graceful restart under way: refused (busy) before the exec",
+    "replaces": "a graceful restart under way: refused (busy) before the exec",
+    "ready_timer": "a graceful restart under way: refused (busy) before the exec",
 }
 
 _PLAIN = (type(None), bool, int, float, str)

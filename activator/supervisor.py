@@ -1889,6 +1889,10 @@ class Engine:
                 return f"unit {us.name}: a start, exec-reload or control command is under way"
             if us.waiting_for is not None:
                 return f"unit {us.name}: waiting for its previous generation to stop"
+            if us.rolling or any(w.successor is not None for w in us.group):
+                return f"unit {us.name}: a graceful restart is under way"
+            if len(us.group) > 1:
+                return f"unit {us.name}: runs {len(us.group)} workers (workers are not carried over a re-exec yet)"
             if us.unit.proxy and (us.has_processes() or self.proxy.count(us)):
                 return f"unit {us.name}: a proxy unit with a daemon or connections (not carried yet)"
         return None

@@ -480,3 +480,23 @@ def test_runtime_directory_stays_while_another_generation_or_worker_runs(harness
     finally:
         for leftover in Path("/run").glob(f"*{name}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_a_reexec_is_refused_while_workers_or_a_graceful_restart_run(harness):
+    """Workers and a graceful restart under way are not carried over a re-exec yet: refused, saying why."""
+    h = harness([make_unit(type="notify", workers=2)], host=EnvHost())
+    trigger(h)
+    assert h.engine.reexec_busy() == "unit u: runs 2 workers (workers are not carried over a re-exec yet)"
+    second = [w.main_pid for w in h.engine.states() if w.worker]
+    assert h.engine.scale_unit(h.unit(), 1)[0]
+    assert h.engine.reexec_busy() == "unit u: a previous generation is still stopping"  # the worker scaled away
+    for pid in second:
+        h.reap(pid)
+    assert h.engine.reexec_busy() is None
+    ready(h, h.unit())
+    old = h.unit().main_pid
+    assert h.engine.graceful_restart(h.unit())[0]
+    assert h.engine.reexec_busy() == "unit u: a graceful restart is under way"
+    ready(h, h.unit().successor)
+    h.reap(old)
+    assert h.engine.reexec_busy() is None
