@@ -436,15 +436,25 @@ class Watcher:
         if not restart:
             return
         pid = us.main_pid
-        self.restart(us)
-        engine.log.info("watch-restart", f"restart for {path}: " + (
-            f"pid {pid} stopped, the new daemon starts once it has exited" if pid else "daemon started"), unit=us.name,
-            fields={"path": path})
-        engine.publish("watch-restart", us, path=path, pid=pid)
+        graceful = self.restart(us)
+        if graceful:
+            how = f"{graceful}: pid {pid} stops once the new daemon is ready"
+        else:
+            how = f"pid {pid} stopped, the new daemon starts once it has exited" if pid else "daemon started"
+        engine.log.info("watch-restart", f"restart for {path}: {how}", unit=us.name,
+                        fields={"path": path, "graceful": bool(graceful)})
+        engine.publish("watch-restart", us, path=path, pid=pid, graceful=bool(graceful))
 
-    def restart(self, us: "UnitState") -> None:
-        """The one place a change restarts a daemon (a graceful restart is to be asked for here)."""
+    def restart(self, us: "UnitState") -> str | None:
+        """The one place a change restarts a daemon: gracefully when the unit's restart-style says so (what
+        the engine answered), else stop first (None). A change during a graceful restart under way ends it
+        and restarts stop-first: the new daemon of that restart may have read the files before the change."""
+        if us.unit.service.restart_style == "graceful":
+            ok, message = self.engine.graceful_restart(us)
+            if ok:
+                return message
         self.engine.restart_unit(us)
+        return None
 
     def close(self) -> None:
         for uw in self.units.values():

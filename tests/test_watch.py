@@ -67,6 +67,20 @@ def test_a_change_restarts_a_running_daemon_once_the_files_are_quiet(harness, tm
     assert h.host.spawned == [FIRST_PID, FIRST_PID + 1], "the new daemon starts once the old one has exited"
 
 
+def test_a_graceful_unit_is_restarted_gracefully(harness, tmp_path):
+    """restart-style = graceful: the new daemon starts beside the old one, which stops once it is ready."""
+    h = harness([make_unit(watch_paths=[str(tmp_path)], restart_style="graceful", graceful_ready_sec=0.5)])
+    pid = running(h)
+    (tmp_path / "app.py").write_text("v2")
+    settle(h, 0.3)
+    [restart] = restarts(h)
+    assert restart["graceful"] is True and h.host.spawned == [FIRST_PID, FIRST_PID + 1], "both run: the overlap"
+    assert ("tree", pid, signal.SIGTERM) not in h.host.signals
+    h.advance(0.6)  # graceful-ready-sec: the new one counts as ready
+    assert ("tree", pid, signal.SIGTERM) in h.host.signals
+    assert h.unit().main_pid == FIRST_PID + 1
+
+
 def test_no_daemon_running_nothing_to_restart(harness, tmp_path):
     h = harness([make_unit(watch_paths=[str(tmp_path)])])
     (tmp_path / "app.py").write_text("v2")
