@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from .records import dataclass
+
 FORMAT = "activator-state"
 VERSION = 1
 STATE_MAX = 256 << 20  # bytes of state a resume reads at most
@@ -274,7 +276,7 @@ def _memfd(data: bytes) -> int:
     return fd
 
 
-@dataclasses.dataclass(eq=False)
+@dataclass(eq=False)
 class _Check:
     """The target's --resume-check, running while we go on serving: its answer comes on a pipe."""
 

@@ -27,15 +27,14 @@ cannot keep the loop from the sockets: what is left is read at the next turn.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from .loop import TimerHandle, cancel
+from .records import dataclass
 
 if TYPE_CHECKING:
     from .supervisor import Engine, UnitState
@@ -80,6 +79,9 @@ class _Libc:
     """The three inotify calls, looked up once, the first time a unit watches something."""
 
     def __init__(self) -> None:
+        import ctypes  # only once a unit watches: ctypes costs every other start-up a megabyte and milliseconds
+
+        self.get_errno = ctypes.get_errno
         libc = ctypes.CDLL(None, use_errno=True)
         self.init1 = libc.inotify_init1
         self.init1.argtypes, self.init1.restype = [ctypes.c_int], ctypes.c_int
@@ -101,7 +103,7 @@ def _lib() -> _Libc:
 
 def _check(result: int, what: str) -> int:
     if result < 0:
-        code = ctypes.get_errno()
+        code = _lib().get_errno()
         raise OSError(code, os.strerror(code), what)
     return result
 

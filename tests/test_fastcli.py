@@ -170,7 +170,7 @@ def _run_modules(tmp_path, *args: str) -> tuple[int, list[str]]:
 # Not needed to run one unit from a plain command line: neither the command line machinery nor what only
 # some units use.
 NOT_ON_THE_RUN_PATH = ("click", "activator.cli", "activator.ctl", "activator.unitfile", "activator.metrics",
-                       "tomllib", "difflib", "traceback", "threading", "glob")
+                       "tomllib", "difflib", "traceback", "threading", "glob", "ctypes")
 
 
 def test_plain_run_does_not_import_click_or_what_only_some_units_need(tmp_path):
