@@ -501,6 +501,8 @@ def engine_main(launch: Launch) -> NoReturn:
 def main(args: list[str]) -> None:
     """``activator run|serve ...`` without click when the command line is plain; returns when click must
     parse it (nothing has been done then but reading LISTEN_*, which click's path reads from here)."""
+    if "_ACTIVATOR_COMPLETE" in os.environ:
+        return  # click's shell completion
     try:
         params = parse(args[0], args[1:])
         if params is None:
@@ -512,4 +514,6 @@ def main(args: list[str]) -> None:
         engine_main(launch)
     except (EOFError, KeyboardInterrupt):  # as click's standalone mode
         sys.stderr.write("\nAborted!\n")
+        sys.exit(1)
+    except BrokenPipeError:  # as click's: a closed stdout or stderr ends us without a traceback
         sys.exit(1)

@@ -115,6 +115,7 @@ ODD_RUN = [
     (["-l", "PORT", "--backlog", "5", "--backlog", "7", "cat"], True),  # the last one counts, as in click
     (["-l", "PORT", "--environment-file", "-/nonexistent", "cat"], True),  # a value that starts with -
     (["-l", "PORT", "-a", "--max-connections", "3", "--", "cat", "--", "x"], True),
+    (["-l", "PORT", "cat", "--", "-l", "x"], True),  # after COMMAND, -- and options are its own
     (["-l", "PORT", "--", ""], False),  # an empty argv[0]: the loader's usage error
     (["-l", "PORT", "-", "x"], True),  # "-" is a COMMAND
     # click's: help, unknown, abbreviated or combined options, missing values, bad values and usage errors
