@@ -365,11 +365,11 @@ class NotifyHub:
         sockets = {name: {"fd": sock.fileno(), "path": sock.path, "address": sock.address, "owner": list(sock.owner)}
                    for name, sock in self.sockets.items()}
         runs = {}
-        for us in self.engine.units.values():
+        for us in self.engine.states():  # keyed as the sockets are: NAME, or NAME/K for worker K
             run = self.runs.get(id(us))
             if run is None:
                 continue
-            runs[us.name] = {
+            runs[self._key(us)] = {
                 "pid": run.pid, "ready": run.ready, "status": run.status, "watchdog_usec": run.watchdog_usec,
                 "start_deadline": run.start_deadline if run.start_timer is not None and run.start_timer.active else None,
                 "watchdog_due": run.watchdog_timer.when if run.watchdog_timer is not None and run.watchdog_timer.active
@@ -408,10 +408,12 @@ class NotifyHub:
                                       bool(item["polled"])))
                 if item["polled"]:
                     self._watch_stored(fd)
-        for name, entry in state["runs"].items():
-            us = self.engine.units.get(name)
-            if us is None:
+        for key, entry in state["runs"].items():
+            name, _, worker = key.partition("/")
+            states = self.engine.states_of(name, int(worker) if worker.isdigit() else 0)
+            if not states:
                 continue
+            us = states[0]
             run = _Run(int(entry["pid"]), bool(entry["ready"]), entry["status"], watchdog_usec=int(entry["watchdog_usec"]))
             self.runs[id(us)] = run
             if entry["start_deadline"] is not None:

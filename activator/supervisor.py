@@ -1883,7 +1883,7 @@ class Engine:
             return "activator is stopping"
         if self.draining:
             return f"unit {self.draining[0].name}: a previous generation is still stopping"
-        for us in self.units.values():
+        for us in self.states():  # workers, and the new daemons of a graceful restart
             if us.live_jobs or us.jobs or us.start_job is not None or us.reload_job is not None \
                     or us.held_connections or us.waiters:
                 return f"unit {us.name}: a start, exec-reload or control command is under way"
@@ -1891,8 +1891,6 @@ class Engine:
                 return f"unit {us.name}: waiting for its previous generation to stop"
             if us.rolling or any(w.successor is not None for w in us.group):
                 return f"unit {us.name}: a graceful restart is under way"
-            if len(us.group) > 1:
-                return f"unit {us.name}: runs {len(us.group)} workers (workers are not carried over a re-exec yet)"
             if us.unit.proxy and (us.has_processes() or self.proxy.count(us)):
                 return f"unit {us.name}: a proxy unit with a daemon or connections (not carried yet)"
         return None
@@ -1922,10 +1920,10 @@ class Engine:
                 sockets.append({"label": ss.bound.spec.label, "trigger": encode(ss.trigger, "trigger"),
                                 **carry_socket(ss.bound)})
                 fds.append(ss.bound.fileno())
-            timers = {name: handle.when for name, handle in (("restart", us.restart_timer), ("kill", us.kill_timer))
-                      if handle is not None and handle.active}
+            workers = [{"fields": encode_fields(w, f"{us.name}/{w.worker}", skip), "timers": _due_timers(w)}
+                       for w in us.workers]  # they share the unit's sockets
             units.append({"name": us.name, "fields": encode_fields(us, us.name, skip), "sockets": sockets,
-                          "timers": timers})
+                          "timers": _due_timers(us), "workers": workers})
         stats = {name: encode(st, f"stats.{name}") for name, st in self.stats_by_name.items()}
         notify, more = self.notify.export_state()
         return {"units": units, "stats": stats, "exit_code": self.exit_code, "notify": notify}, fds + more
@@ -1952,19 +1950,28 @@ class Engine:
                 for ss, s in zip(us.sockets, entry["sockets"]):
                     decode_into(ss.trigger, s["trigger"], f"{unit.name}.trigger")
                 self.units[unit.name] = us
-                for pid in us.pids():
-                    self.pids[pid] = us
-                timers = entry.get("timers", {})
-                if "restart" in timers:
-                    us.restart_timer = self.loop.call_at(timers["restart"], partial(self._restart, us), us)
-                if "kill" in timers:
-                    us.kill_timer = self.loop.call_at(timers["kill"], partial(self._kill_unit, us), us)
-                if us.paused_until:
-                    us.pause_timer = self.loop.call_at(us.paused_until, partial(self._unpause, us), us)
+                self._resume_state(us, entry)
+                for k, carried_worker in enumerate(entry.get("workers") or [], 1):
+                    w = self._new_state(us, unit, bound, k)
+                    us.workers.append(w)
+                    decode_fields(w, carried_worker["fields"], f"{unit.name}/{k}", skip)
+                    self._resume_state(w, carried_worker)
         self._pending = []
         self.notify.resume(state["notify"])
         self.exit_code = int(state.get("exit_code", 0))
         self.resumed = state
+
+    def _resume_state(self, us: UnitState, entry: dict[str, Any]) -> None:
+        """A carried unit's (or worker's) processes and timers, into the engine."""
+        for pid in us.pids():
+            self.pids[pid] = us
+        timers = entry.get("timers", {})
+        if "restart" in timers:
+            us.restart_timer = self.loop.call_at(timers["restart"], partial(self._restart, us), us)
+        if "kill" in timers:
+            us.kill_timer = self.loop.call_at(timers["kill"], partial(self._kill_unit, us), us)
+        if us.paused_until:
+            us.pause_timer = self.loop.call_at(us.paused_until, partial(self._unpause, us), us)
 
     def _go_on(self) -> None:
         """The first steps of a resumed engine: signals from the exec window, exits during it, listening."""
@@ -1984,6 +1991,12 @@ class Engine:
                                      f"{carried.get('activator_version')})")
         self.publish("reexec-done", None, units=len(self.units), pids=sorted(self.pids),
                      reexecs=carried.get("reexecs"), pause=round(pause, 3))
+
+
+def _due_timers(us: UnitState) -> dict[str, float]:
+    """The pending restart and kill timers of ``us``, by their due (monotonic) time, for a re-exec."""
+    return {name: handle.when for name, handle in (("restart", us.restart_timer), ("kill", us.kill_timer))
+            if handle is not None and handle.active}
 
 
 def _in_start_order(states: list[UnitState]) -> list[UnitState]:

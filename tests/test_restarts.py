@@ -482,21 +482,76 @@ def test_runtime_directory_stays_while_another_generation_or_worker_runs(harness
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def test_a_reexec_is_refused_while_workers_or_a_graceful_restart_run(harness):
-    """Workers and a graceful restart under way are not carried over a re-exec yet: refused, saying why."""
-    h = harness([make_unit(type="notify", workers=2)], host=EnvHost())
+def test_a_reexec_carries_workers_and_is_refused_during_a_graceful_restart(harness):
+    """Each worker's daemon, notify readiness and timers go through a re-exec's state; a graceful restart
+    under way (two generations and the wait between them) is refused, saying so."""
+    from test_engine import resumed
+
+    units = [make_unit(type="notify", workers=3, restart="always", restart_sec=5.0)]
+    h = harness(units, host=EnvHost())
     trigger(h)
-    assert h.engine.reexec_busy() == "unit u: runs 2 workers (workers are not carried over a re-exec yet)"
-    second = [w.main_pid for w in h.engine.states() if w.worker]
-    assert h.engine.scale_unit(h.unit(), 1)[0]
-    assert h.engine.reexec_busy() == "unit u: a previous generation is still stopping"  # the worker scaled away
-    for pid in second:
-        h.reap(pid)
-    assert h.engine.reexec_busy() is None
-    ready(h, h.unit())
+    for w in h.unit().group:
+        ready(h, w)
     old = h.unit().main_pid
     assert h.engine.graceful_restart(h.unit())[0]
     assert h.engine.reexec_busy() == "unit u: a graceful restart is under way"
     ready(h, h.unit().successor)
     h.reap(old)
+    while h.unit().rolling or any(w.successor for w in h.unit().group):  # one worker at a time
+        successor = next(w.successor for w in h.unit().group if w.successor)
+        previous = successor.replaces.main_pid
+        ready(h, successor)
+        h.reap(previous)
     assert h.engine.reexec_busy() is None
+    pids = sorted(w.main_pid for w in h.unit().group)
+    second = h.unit().group[2].main_pid
+    h.reap(second, code=1)  # worker 2 exits: its restart is due in 5 s, carried
+    h.advance(2.0)
+    new = resumed(h, units)
+    try:
+        group = new.unit().group
+        assert [w.worker for w in group] == [0, 1, 2] and all(w.leader is new.unit() for w in group[1:])
+        assert sorted(w.main_pid for w in group if w.main_pid) == sorted(set(pids) - {second})
+        assert all(new.engine.unit_of_pid(w.main_pid) is w for w in group if w.main_pid)
+        assert all(new.engine.notify.runs[id(w)].ready for w in group if w.main_pid)
+        spawned = len(new.host.spawned)
+        new.advance(2.9)
+        assert len(new.host.spawned) == spawned, "the restart is due 5 s after the exit, not earlier"
+        new.advance(0.2)
+        assert len(new.host.spawned) == spawned + 1 and group[2].main_pid == new.host.spawned[-1]
+        first = group[1].main_pid
+        new.reap(first, code=1)  # each worker is still restarted on its own
+        assert group[1].restart_timer is not None and group[0].main_pid is not None
+    finally:
+        new.close()
+
+
+def test_workers_under_load_survive_a_reexec_and_are_restarted_on_their_own(activator, tmp_path):
+    """`ctl reexec` with 3 workers serving: the same pids, no connection refused or failed, each worker's
+    READY=1 still its own (a graceful restart after the re-exec completes), a worker killed afterwards is
+    restarted alone."""
+    a, port, sock = serve(activator, tmp_path, generation_unit(workers=3) + 'service.restart = "always"\n')
+    warm(port)
+    with ClientLoad(("127.0.0.1", port), clients=4, max_seconds=120, timeout=20) as load:
+        assert load.wait_served(20, timeout=30)
+        pids = wait_for(lambda: len(main_pids(sock)) == 3 and main_pids(sock), 20, what="3 workers")
+        r = ctl(sock, "reexec")
+        assert r.returncode == 0, r.stderr + a.log
+        wait_for(lambda: json_events(a, "reexec-done"), 30, what="the re-exec")
+        assert load.wait_served(50, timeout=30)
+        assert main_pids(sock) == pids
+        r = ctl(sock, "restart", "g")  # graceful: needs every new worker's READY=1 on its own socket
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(json_events(a, "graceful-done")) == 3, 60, what="3 workers replaced")
+        new = wait_for(lambda: len(main_pids(sock)) == 3 and main_pids(sock), 20, what="3 new workers")
+        assert not set(new) & set(pids)
+        os.kill(new[1], signal.SIGKILL)
+        wait_for(lambda: len(main_pids(sock)) == 3 and main_pids(sock) != new, 30, what="worker 1 restarted")
+        after = main_pids(sock)
+        assert after[0] == new[0] and after[2] == new[2] and after[1] != new[1]
+        assert load.wait_served(20, timeout=30)
+    report("re-exec with 3 workers", load)
+    assert load.report.refused == 0, load.report.errors
+    assert load.report.failed <= 1, load.report.errors  # the SIGKILLed worker's connection in flight, if any
+    assert a.stop() == 0
+    assert not any(pid_alive(p) for p in after)
