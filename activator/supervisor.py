@@ -1356,8 +1356,8 @@ class Engine:
     def start_unit(self, us: UnitState) -> bool:
         """Start the daemon now (Accept=no), as a connection would; a failed unit is revived. False when
         it cannot start now (running, stopping, rate-limited, accept mode: the log says why)."""
-        if us.unit.accept or self.stopping or us.retired or us.skipped:
-            return False
+        if us.unit.accept or self.stopping or us.retired or us.skipped or us.waiting_for is not None:
+            return False  # waiting: it starts by itself once its previous generation has stopped
         if us.failed:
             us.failed = None
         us.held = False
@@ -1377,6 +1377,8 @@ class Engine:
         if us.has_processes():
             us.restart_pending = not us.unit.accept
             self.stop_unit(us, "stop")
+        elif us.waiting_for is not None:
+            pass  # never two generations at once: it is activated once its previous one has stopped
         elif not us.unit.accept:
             self._start(us)
         else:

@@ -238,6 +238,9 @@ def test_reloads_in_a_row_never_run_two_generations(harness):
         assert h.unit().state == "waiting"
         trigger(h)
         assert h.host.spawned == [first], "a new generation started while the old one runs"
+        assert h.engine.start_unit(h.unit()) is False  # ctl start neither
+        h.engine.restart_unit(h.unit())  # nor ctl restart
+        assert h.host.spawned == [first] and h.unit().state == "waiting"
     h.reap(first)
     assert h.unit().state == "listening"
     trigger(h)
