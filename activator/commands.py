@@ -493,6 +493,8 @@ def engine_main(launch: Launch) -> NoReturn:
             # After the exec, with no way back: the daemons are stopped rather than left unsupervised.
             log.error("reexec-failed", f"cannot take over the state: {exc!r}; stopping everything")
             reexec.unblock_signals()  # blocked across the exec: the stop needs SIGCHLD
+            engine.reexec.count -= 1  # what `ctl reexec` sees while this process stops: a failure
+            engine.reexec.failures, engine.reexec.last_error = 1, f"the new process cannot take over: {exc!r}"
             engine.stop(1)
         code = engine.run()
     sys.exit(code)

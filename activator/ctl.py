@@ -135,7 +135,7 @@ def reexec(ctx: click.Context) -> None:
     """Re-execute activator (the same interpreter, the package installed now): the new process takes over
     every socket, daemon, counter and rate limit, with no connection refused and no daemon restarted. Waits
     until it answers; exit 1 when the re-exec is refused or fails (the old one goes on). See docs/reexec.md."""
-    from .control import ControlError, call
+    from .control import ControlError, call, find_socket
     from .reexec import CHECK_TIMEOUT
 
     before = _call(ctx, "reexec")
@@ -143,6 +143,7 @@ def reexec(ctx: click.Context) -> None:
     timeout = target.get("timeout", 10.0)
     deadline = time.monotonic() + CHECK_TIMEOUT + timeout  # the new code's check may take that long
     failures = before.get("failures", 0)
+    path = find_socket(target.get("socket"), before["pid"])
     while time.monotonic() < deadline:  # bounded: until the new process answers, or the old one says it failed
         try:
             state = call("status", socket_path=target.get("socket"), pid=before["pid"], timeout=timeout,
@@ -150,6 +151,8 @@ def reexec(ctx: click.Context) -> None:
         except ControlError as exc:
             if exc.code != "unreachable":
                 _fail(exc.message, exc.exit_status)
+            if not os.path.exists(path):  # kept across an exec; removed when activator exits
+                _fail("activator exited during the re-exec (its log says why)", 1)
             time.sleep(0.1)
             continue
         if state.get("reexecs", 0) > before["reexecs"]:
