@@ -5,6 +5,7 @@ activators to choose from), 3 no such unit, 4 cannot reach activator.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable, NoReturn
