@@ -206,10 +206,9 @@ CHECK_ONLY = False
 
 
 def resume_main(args: list[str]) -> None:
-    """``--resume FD`` ($ACTIVATOR_RESUME_FD) / ``--resume-check FD``: read the state, then run the command line
-    it carries
-    (activator.__main__ goes on with it; the engine resumes instead of binding). A state this version cannot
-    read: one line, exit 1."""
+    """``--resume FD`` ($ACTIVATOR_RESUME_FD) / ``--resume-check FD``: read the state and take the command line
+    it carries (activator.__main__ goes on with it; the engine resumes instead of binding). A state this
+    version cannot read: one line, exit 1."""
     global RESUMED, CHECK_ONLY
     if args[0] == "--resume-check":
         os.dup2(1, 2)  # every answer, a refusal from the command line too, on the pipe the old process reads
