@@ -26,7 +26,7 @@ Options:
 Commands:
   check    Validate unit files without binding anything.
   convert  Print systemd unit files as TOML units.
-  ctl      Control a running activator: status, start, stop, reload.
+  ctl      Control a running activator: status, start, stop, restart, reexec.
   run      Start COMMAND on demand with the sockets at fd 3, 4, ...
   serve    Run the units of TOML and systemd unit files; SIGHUP reloads.
 """

@@ -50,7 +50,7 @@ def _report_units(result: Any) -> bool:
     return bool(outcomes)
 
 
-@click.group(short_help="Control a running activator: status, start, stop, reload.")
+@click.group(short_help="Control a running activator: status, start, stop, restart, reexec.")
 @click.option("-s", "--socket", "socket_path", metavar="PATH",
               help="The control socket [default: $ACTIVATOR_CONTROL_SOCKET, else the only activator answering "
                    "in the default directory].")
