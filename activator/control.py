@@ -693,7 +693,7 @@ class ControlServer:
         if us.unit.accept:
             engine.arm_unit(us)
             return True, "listening: accept mode starts an instance per connection"
-        if us.state == "stopping":
+        if any(w.state == "stopping" for w in us.group):
             return False, "still stopping; start it once it has stopped"
         if us.main_pid is not None:
             if len(us.group) > 1 and engine.start_unit(us):
@@ -714,7 +714,7 @@ class ControlServer:
         disarm = request.get("disarm", False)
 
         def stop_one(us: UnitState) -> tuple[bool, str]:
-            had = len(us.pids())
+            had = len(_unit_pids(us))  # every worker's, and a graceful restart's new daemons
             self.engine.halt_unit(us, disarm=disarm)
             what = f"stopping {had} process(es)" if had else "not running"
             return True, what + ("; sockets held, not listened on" if disarm else "")

@@ -220,6 +220,7 @@ class UnitState:
     rolling: list[int] = field(default_factory=list)  # on worker 0: the workers a graceful restart has yet to replace
     target_workers: int = 0  # on worker 0: the count a graceful reload scales to once done (0: keep)
     ready_timer: TimerHandle | None = None  # graceful-ready-sec of a new simple or exec daemon
+    exit_deferred: int | None = None  # the old daemon's exit status during a graceful overlap (for restart=)
 
     @property
     def name(self) -> str:
@@ -1189,8 +1190,15 @@ class Engine:
             self._graceful_failed(us, f"no READY=1 within {us.unit.service.timeout_start:g}s" if us.forced == "timeout"
                                   else f"the new daemon {how} before it was ready")
             return
-        if us.successor is not None:
-            return  # its new daemon is starting: the unit carries on with it, or is started again if it fails
+        if us.successor is not None:  # its new daemon is starting: the unit carries on with it, or with
+            us.exit_deferred = status  # this exit's consequences (restart=) should that one fail
+            return
+        self._after_exit(us, status)
+
+    def _after_exit(self, us: UnitState, status: int) -> None:
+        """What a main process's exit leads to: activator's exit (--exit-with-service), a restart=, or
+        listening again."""
+        code = processes.describe_status(status)[1]
         if self.exit_with_service and not us.restart_pending:  # a restart asked for (ctl, watch) is no exit
             self.stop(code)
             return
@@ -1471,8 +1479,14 @@ class Engine:
         if not 1 <= count <= WORKERS_MAX:
             return False, f"the worker count must be 1..{WORKERS_MAX}"
         before = len(lead.group)
+        if count > before and (lead.rolling or any(w.successor is not None for w in lead.group)):
+            # a new worker would run the old generation's unit, which the roll has already passed
+            return False, "a graceful restart is under way: scale up once it is done"
+        if count > before and any(d.name == lead.name for d in self.draining):
+            return False, "workers scaled away (or a previous generation) are still stopping: scale up once they are gone"
         if count > before:
-            active = any(w.main_pid is not None or w.start_job is not None for w in lead.group)
+            active = not lead.held and not lead.manual_stop and any(
+                (w.main_pid is not None and w.forced != "stop") or w.start_job is not None for w in lead.group)
             for w in self._add_workers(lead, count):
                 if active:
                     self._start(w)
@@ -1574,6 +1588,7 @@ class Engine:
                 w.leader = new
             if self.units.get(old.name) is old:
                 self.units[old.name] = new
+                self.watch.sync()  # its watches follow the unit's new state (and new watch-paths of a reload)
             lead = new
         else:
             lead = old.leader
@@ -1587,8 +1602,9 @@ class Engine:
             self._arm(lead)
         self._graceful_next(lead)
 
-    def _graceful_failed(self, new: UnitState, reason: str) -> None:
-        """The new daemon did not become ready: it is stopped, the old one keeps serving."""
+    def _graceful_failed(self, new: UnitState, reason: str, aborted: bool = False) -> None:
+        """The new daemon did not become ready: it is stopped, the old one keeps serving. ``aborted``: ended
+        by a stop or a restart asked for, which decide what comes next."""
         old = new.replaces
         assert old is not None
         new.replaces = old.successor = None
@@ -1596,11 +1612,15 @@ class Engine:
         lead.rolling, lead.target_workers = [], 0
         self._graceful_log_failed(old, reason)
         self._retire_state(new)
-        if not old.has_processes() and not self.stopping:  # it ended meanwhile: the unit carries on without either
-            if old.leader is None:
-                self._arm(old)
-            else:
-                self._start(old)
+        deferred, old.exit_deferred = old.exit_deferred, None
+        if old.has_processes() or self.stopping:
+            return
+        if deferred is not None and not aborted:  # the old one ended during the overlap: its exit counts now
+            self._after_exit(old, deferred)
+        elif old.leader is None:
+            self._arm(old)
+        else:
+            self._start(old)
 
     def _graceful_log_failed(self, old: UnitState, reason: str) -> None:
         self.log.error("graceful-failed", f"graceful restart failed: {reason}; pid {old.main_pid} keeps serving",
@@ -1616,7 +1636,7 @@ class Engine:
 
     def _abort_graceful_of(self, w: UnitState, reason: str) -> None:
         if w.successor is not None:
-            self._graceful_failed(w.successor, reason)
+            self._graceful_failed(w.successor, reason, aborted=True)
 
     def stop(self, exit_code: int = 0) -> None:
         """Stop everything; the loop ends once every process is gone."""
@@ -1981,6 +2001,7 @@ class Engine:
 
         unblock_signals()
         self._reap()  # daemons that ended while no one was there to reap them
+        self.watch.sync()  # inotify watches are not carried: made again (a change during the exec is missed)
         for us in self.units.values():
             if not us.restart_pending:
                 self.loop.dispatch(partial(self._arm, us), us)

@@ -555,3 +555,81 @@ def test_workers_under_load_survive_a_reexec_and_are_restarted_on_their_own(acti
     assert load.report.failed <= 1, load.report.errors  # the SIGKILLed worker's connection in flight, if any
     assert a.stop() == 0
     assert not any(pid_alive(p) for p in after)
+
+
+# ------------------------------------------------------------------ found by the hostile review
+def test_old_daemon_dying_in_the_overlap_then_a_failed_new_one_applies_restart(harness):
+    """The old daemon exits during the overlap, then the new one fails: the old one's exit counts then
+    (restart=always restarts the unit), instead of leaving it without a daemon."""
+    h = harness([make_unit(type="notify", restart="always", restart_sec=1.0)], host=EnvHost())
+    trigger(h)
+    old = h.unit()
+    ready(h, old)
+    old_pid = old.main_pid
+    assert h.engine.graceful_restart(old)[0]
+    h.reap(old_pid, code=3)
+    assert old.successor is not None and old.successor.main_pid  # the new one starts: the unit carries on with it
+    h.reap(old.successor.main_pid, code=4)
+    assert [e["event"] for e in h.events if e["event"].startswith("graceful")] == ["graceful-start", "graceful-failed"]
+    assert h.unit().restart_pending
+    spawned = len(h.host.spawned)
+    h.advance(1.1)
+    assert len(h.host.spawned) == spawned + 1 and h.unit().main_pid == h.host.spawned[-1]
+
+
+def test_scale_is_refused_during_a_graceful_restart_and_while_scaled_away_workers_drain(harness):
+    h = harness([make_unit(type="notify", workers=2)], host=EnvHost())
+    trigger(h)
+    for w in h.unit().group:
+        ready(h, w)
+    assert h.engine.graceful_restart(h.unit())[0]
+    assert h.engine.scale_unit(h.unit(), 3) == (False, "a graceful restart is under way: scale up once it is done")
+    new = h.unit().successor.main_pid
+    h.engine.restart_unit(h.unit())  # ends the graceful restart (stop first)
+    for pid in [w.main_pid for w in h.unit().group] + [new]:
+        h.reap(pid)
+    pids = running(h)
+    assert len(pids) == 2
+    assert h.engine.scale_unit(h.unit(), 1)[0]
+    ok, why = h.engine.scale_unit(h.unit(), 3)  # worker 1 still drains: no second daemon in its slot
+    assert not ok and "still stopping" in why and running(h) == pids[:1]
+    h.reap(pids[1])
+    assert h.engine.scale_unit(h.unit(), 3)[0] and len(running(h)) == 3
+
+
+def test_scale_during_a_stop_starts_nothing(harness):
+    h = harness([make_unit(workers=1)], host=EnvHost())
+    trigger(h)
+    [pid] = running(h)
+    h.engine.halt_unit(h.unit())  # ctl stop: the daemon is stopping
+    assert h.engine.scale_unit(h.unit(), 3)[0]
+    assert running(h) == [pid], "no worker started while the unit stops"
+    h.reap(pid)
+    assert running(h) == [] and h.unit().state == "listening"
+    trigger(h)
+    assert len(running(h)) == 3  # the count holds for the next activation
+
+
+def test_ctl_start_waits_for_every_worker_to_have_stopped(harness, tmp_path):
+    """ctl stop, then ctl start while worker 1 is still stopping: refused (it was accepted, and worker 1 was
+    never started again once it had exited)."""
+    import socket as _socket
+
+    from activator.control import ControlServer
+
+    h = harness([make_unit(workers=2)], host=EnvHost())
+    path = str(tmp_path / "ctl.sock")
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.bind(path)
+    server = ControlServer(h.engine, path, sock)
+    try:
+        trigger(h)
+        first, second = running(h)
+        h.engine.halt_unit(h.unit())
+        h.reap(first)  # worker 0 has stopped, worker 1 not yet
+        ok, why = server._start_one(h.unit())
+        assert (ok, why) == (False, "still stopping; start it once it has stopped")
+        h.reap(second)
+        assert server._start_one(h.unit())[0] and len(running(h)) == 2
+    finally:
+        sock.close()

@@ -79,6 +79,26 @@ def test_a_graceful_unit_is_restarted_gracefully(harness, tmp_path):
     h.advance(0.6)  # graceful-ready-sec: the new one counts as ready
     assert ("tree", pid, signal.SIGTERM) in h.host.signals
     assert h.unit().main_pid == FIRST_PID + 1
+    h.reap(pid)
+    (tmp_path / "app.py").write_text("v3")  # the watches followed the unit to its new state
+    settle(h, 0.3)
+    assert len(restarts(h)) == 2 and h.host.spawned[-1] == FIRST_PID + 2
+
+
+def test_watches_are_made_again_after_a_reexec(harness, tmp_path):
+    from test_engine import resumed
+
+    units = [make_unit(watch_paths=[str(tmp_path)])]
+    h = harness(units)
+    pid = running(h)
+    new = resumed(h, units)
+    try:
+        assert new.unit().main_pid == pid
+        (tmp_path / "app.py").write_text("v2")
+        settle(new, 0.3)
+        assert [e["pid"] for e in restarts(new)] == [pid]
+    finally:
+        new.close()
 
 
 def test_no_daemon_running_nothing_to_restart(harness, tmp_path):
