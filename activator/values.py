@@ -451,19 +451,15 @@ class Paths(Parser):
         return "paths (a string or an array); `-PATH`: optional"
 
 
-class Patterns(Parser):
+class Patterns(Paths):
     """Glob patterns (watch-ignore): a string or an array, none empty nor only slashes."""
 
     kind = "patterns"
-    multiple = True
     metavar = "PATTERN"
 
-    def __call__(self, value: Any) -> list[str]:
-        patterns = strings(value)
-        for entry in patterns:
-            if not entry.strip("/") or len(entry) > PATH_MAX:
-                raise Invalid(f"invalid pattern {show(entry)}: a glob of 1..{PATH_MAX} characters, not only '/'")
-        return patterns
+    def check(self, entry: str) -> None:
+        if not entry.strip("/") or len(entry) > PATH_MAX:
+            raise Invalid(f"invalid pattern {show(entry)}: a glob of 1..{PATH_MAX} characters, not only '/'")
 
     def describe(self) -> str:
         return "glob patterns (a string or an array): `NAME`, `DIR/`, `PATH/UNDER/IT`"
