@@ -564,6 +564,7 @@ class Engine:
         self._disarm(us)
         cancel(us.restart_timer)
         cancel(us.pause_timer)
+        cancel(us.ready_timer)  # a graceful restart's new daemon that goes never counts as ready
         us.restart_pending = False
         self.jobs.abandon(us)
         self.jobs.went_down(us)
@@ -1513,16 +1514,18 @@ class Engine:
             lead.rolling, lead.target_workers = rolling, target
             self._graceful_next(lead)
 
-    def _retire_state(self, us: UnitState) -> None:
-        """One state ends: not started again, its processes stopped (its sockets stay open while they drain)."""
+    def _retire_state(self, us: UnitState, keep: set[int] | None = None) -> None:
+        """One state ends: not started again, its processes stopped. Its sockets stay open (not watched)
+        while its daemon drains: a later reload that adds the unit back, or gives its address to another
+        unit, takes them instead of failing to bind beside it. Then they are closed but for ``keep`` (default:
+        the sockets still in use)."""
         us.retired = True
-        cancel(us.ready_timer)
         self._quiesce(us)
         self.stop_unit(us)
         if us.has_processes():
             self.draining.append(us)
         else:
-            self._close_unit(us, keep=self._sockets_in_use())
+            self._close_unit(us, keep=self._sockets_in_use() if keep is None else keep)
 
     def graceful_restart(self, us: UnitState) -> tuple[bool, str]:
         """Start a new daemon on the same sockets beside each running worker, one worker at a time; each
@@ -1878,16 +1881,10 @@ class Engine:
                              unit=state.name)
 
     def _retire(self, us: UnitState, keep: set[int]) -> None:
+        """A unit removed or replaced by a reload: each of its workers ends (``keep``: the sockets taken by the
+        new units)."""
         for w in us.group:
-            w.retired = True
-            self._quiesce(w)
-            self.stop_unit(w)
-            if w.has_processes():
-                # Its sockets stay open (not watched) while its daemon drains: a later reload that adds the unit
-                # back, or gives its address to another unit, takes them instead of failing to bind beside it.
-                self.draining.append(w)
-            else:
-                self._close_unit(w, keep=keep)
+            self._retire_state(w, keep)
 
     @staticmethod
     def _replaces_gracefully(prev: UnitState, unit: Unit) -> bool:
