@@ -442,7 +442,10 @@ def test_ignored_writes_and_debounce_end_to_end(activator, tmp_path):
     for i in range(10):
         (app / "version").write_text(f"v{i + 2}")
     change = wait_event(a, "watch-change", timeout=30)
-    assert change["path"] == str(app / "version") and change["changes"] == 10, change
+    # One change for the ten writes (the debounce). How many inotify events it merged is 10 only when
+    # activator read each close before the next: the kernel coalesces identical unread events (inotify(7)),
+    # which a loaded machine shows (9 seen in CI). The in-process test_ten_writes_one_restart counts exactly.
+    assert change["path"] == str(app / "version") and 1 <= change["changes"] <= 10, change
     wait_event(a, "start", count=2, timeout=30)
     assert ask(port).startswith(b"v11 ")
     (app / "late.py").write_text("a later change")
