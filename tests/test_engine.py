@@ -335,6 +335,12 @@ def resumed(h: Harness, units) -> Harness:
             h.loop.remove(ss.bound.sock)
             ss.bound.sock.detach()
     h.engine.units.clear()
+    # The notify sockets change hands too: left to the old engine's objects, the collector would close
+    # their descriptors whenever it frees them, by then another test's pipes or sockets (EBADF there).
+    for notify in h.engine.notify.sockets.values():
+        h.loop.remove(notify.sock)
+        notify.sock.detach()
+    h.engine.notify.sockets.clear()
     new = Harness.__new__(Harness)
     new.clock, new.host, new.events = h.clock, h.host, []
     new.loop = Loop(clock=new.clock)

@@ -1342,9 +1342,12 @@ def test_command_prefixes_reach_the_processes(activator, tmp_path, request):
     units = write_units(tmp_path / "units", {
         "p.socket": sock(port),
         "p.service": f"[Service]\nUser=nobody\nRestart=on-failure\nRestartSec=0.1\n"
-                     f"ExecStartPre=+/bin/sh -c 'id -u > {out}/pre'\n"
-                     f"ExecStartPre=/bin/sh -c 'id -u > {out}/pre-user'\n"
-                     f"ExecStart=-@/bin/sh my-name -c 'echo $$0 > {out}/main; exit 3'\n"})
+                     # Each file written whole (a rename): the connection, still pending when the daemon
+                     # exits, activates the unit again, and a rerun truncating the file raced the reads.
+                     f"ExecStartPre=+/bin/sh -c 'id -u > {out}/pre.new; mv {out}/pre.new {out}/pre'\n"
+                     f"ExecStartPre=/bin/sh -c 'id -u > {out}/pre-user.new; mv {out}/pre-user.new {out}/pre-user'\n"
+                     f"ExecStart=-@/bin/sh my-name -c 'echo $$0 > {out}/main.new; mv {out}/main.new {out}/main; "
+                     "exit 3'\n"})
     a = activator("serve", "--log-format", "json", units)
     a.wait_listening()
     with connect(("127.0.0.1", port)):
