@@ -7,7 +7,11 @@ CIDR prefixes, or the keywords ``any``, ``localhost``, ``link-local`` and
 """
 from __future__ import annotations
 
-import ipaddress
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ipaddress
+
+    Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 KEYWORDS = {
     "any": ("0.0.0.0/0", "::/0"),
@@ -16,11 +20,11 @@ KEYWORDS = {
     "multicast": ("224.0.0.0/4", "ff00::/8"),
 }
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 def parse_networks(entries: list[str]) -> list[Network]:
     """ValueError naming the entry when one is neither a keyword nor an address or prefix."""
+    import ipaddress  # here: only units with access lists need it (its import costs start-up and memory)
+
     nets: list[Network] = []
     for entry in entries:
         for word in str(entry).split():
@@ -44,6 +48,8 @@ class AccessList:
         self.deny = parse_networks(deny)
 
     def allowed(self, address: str) -> bool:
+        import ipaddress  # loaded by parse_networks already: a dictionary lookup
+
         addr = ipaddress.ip_address(address)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Callable
 
 from .units import Condition
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Callable
 
 
 def _glob_matches(pattern: str) -> bool:

@@ -28,14 +28,16 @@ import re
 import socket
 import stat
 import sys
-from dataclasses import field
-from typing import Any, NamedTuple
 
-from .records import dataclass
+from .records import dataclass, field
 from .envfile import read_environment_file
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
 from .units import BindSpec, InheritedSpec, ListenSpec, ServiceSpec, UnresolvedInherited, Unit
 from .values import Invalid, show, suggest, type_name
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
 UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
@@ -659,7 +661,8 @@ def _ordering_cycle(units: list[Unit]) -> list[str] | None:
     return None
 
 
-class Configuration(NamedTuple):
+@dataclass
+class Configuration:
     units: list[Unit]
     warnings: list[str]  # what unit files hold that activator does not honour, one line each
 

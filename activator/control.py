@@ -28,12 +28,15 @@ import stat
 import struct
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .records import dataclass
 from . import __version__, processes
 from .loop import TimerHandle, cancel
 from .sockets import remove_stale_socket
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from .log import Log
@@ -291,7 +294,8 @@ class Client:
         self.writing = False
 
 
-Handler = Callable[[Client, bytes], "tuple[bytes, bool]"]
+if TYPE_CHECKING:
+    Handler = Callable[[Client, bytes], "tuple[bytes, bool]"]
 
 
 class StreamServer:

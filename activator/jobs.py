@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
 
-from .records import dataclass
+from .records import dataclass, field
 from .loop import TimerHandle, cancel
 from .processes import EMPTY_TREE, describe_status
 from .spawn import SpawnError
 from .units import Command
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 if TYPE_CHECKING:  # the engine's types; it imports this module
     from .supervisor import Engine, UnitState

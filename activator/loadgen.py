@@ -23,10 +23,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import field
 from typing import Union
 
-from .records import dataclass
+from .records import dataclass, field
 
 Address = Union[str, tuple]
 

@@ -75,9 +75,12 @@ import socket
 import stat
 import sys
 import time
-from typing import Any, Callable, Iterator
 
 from .records import dataclass
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 BUFFER_BYTES = 256 * 1024
@@ -88,7 +91,8 @@ BATCH_BYTES = 64 * 1024  # per write to a file; also how much a hold() collects 
 MARKER_ROOM = 512  # at least what a log-dropped line takes, in either format
 OTHER_SOURCES = object()  # the shared collapse key once MAX_FLOODS keys are followed
 
-Schedule = Callable[[float, Callable[[], None]], object]
+if TYPE_CHECKING:
+    Schedule = Callable[[float, Callable[[], None]], object]
 
 # Text lines: control characters in a message (a TOML key, a socket name) must not start a fake line.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}

@@ -19,14 +19,18 @@ import os
 import selectors
 import signal
 import time
-from typing import Any, Callable
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 # epoll takes its timeout in milliseconds as a C int: longer waits are cut to this and the
 # loop simply goes back to sleep, so a timer of any length is safe (it wakes at most once
 # every 24.8 days on the way).
 MAX_WAIT = (2**31 - 1) / 1000.0 - 1.0
 
-Callback = Callable[[], Any]
+if TYPE_CHECKING:
+    Callback = Callable[[], Any]
 
 
 class TimerHandle:

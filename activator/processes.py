@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Protocol
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Protocol
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -251,8 +254,9 @@ def parse_signal(value: str | int) -> int:
 CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
 
 
-class StatusSet(Protocol):
-    def matches(self, status: int) -> bool: ...
+if TYPE_CHECKING:
+    class StatusSet(Protocol):
+        def matches(self, status: int) -> bool: ...
 
 
 def should_restart(policy: str, status: int, forced: str | None = None, success: StatusSet | None = None,

@@ -16,7 +16,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Mapping, MutableMapping
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Mapping, MutableMapping
 
 LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")

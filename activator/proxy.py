@@ -49,12 +49,14 @@ import select
 import socket
 import struct
 from collections import deque
-from dataclasses import field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .records import dataclass
+from .records import dataclass, field
 from .loop import TimerHandle, cancel
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Callable, Protocol
 
 _relay: Any  # the C data path (optional: built when a C compiler was there)
 try:
@@ -85,18 +87,19 @@ INFINITY = float("inf")
 
 
 # ====================================================================== data path
-class Relays(Protocol):
-    """Where established connections are relayed; each one ends with ``proxy.relay_ended(id, errno)``:
-    at once with ``notify`` (the unit counts its idle time), else by the next :meth:`collect` at the latest."""
+if TYPE_CHECKING:
+    class Relays(Protocol):
+        """Where established connections are relayed; each one ends with ``proxy.relay_ended(id, errno)``:
+        at once with ``notify`` (the unit counts its idle time), else by the next :meth:`collect` at the latest."""
 
-    def add(self, client: Client, backend: socket.socket, rid: int, notify: bool) -> None:
-        """Relay between the two; both descriptors are the relay's from now on (closed on an error, which
-        ends the connection as any other end). The client's socket is made non-blocking."""
+        def add(self, client: Client, backend: socket.socket, rid: int, notify: bool) -> None:
+            """Relay between the two; both descriptors are the relay's from now on (closed on an error, which
+            ends the connection as any other end). The client's socket is made non-blocking."""
 
-    def collect(self) -> None:
-        """Report the connections that have ended by now."""
+        def collect(self) -> None:
+            """Report the connections that have ended by now."""
 
-    def close(self) -> None: ...
+        def close(self) -> None: ...
 
 
 class ThreadedRelays:

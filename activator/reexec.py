@@ -21,16 +21,17 @@ makes the export fail, so a reexec is refused rather than losing it.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shlex
 import signal
 import sys
 import time
-from typing import Any
 
-from .records import dataclass
+from . import records
+from .records import dataclass, field
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT = "activator-state"
 VERSION = 1
@@ -91,9 +92,9 @@ def encode(value: Any, where: str) -> Any:
         return [encode(v, where) for v in items]
     if isinstance(value, dict):
         return {"pairs": [[encode(k, where), encode(v, where)] for k, v in value.items()]}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if records.is_record(value):
         return {"fields": {f.name: encode(getattr(value, f.name), f"{where}.{f.name}")
-                           for f in dataclasses.fields(value)}}
+                           for f in records.fields(value)}}
     raise StateError(f"{where}: a {type(value).__name__} cannot be carried over a re-exec")
 
 
@@ -101,10 +102,10 @@ def decode_into(current: Any, data: Any, where: str) -> Any:
     """``data`` (from :func:`encode`) as a value of the kind ``current`` is; a dataclass is updated in place."""
     if isinstance(data, dict) and "float" in data:
         return float(data["float"])
-    if dataclasses.is_dataclass(current) and not isinstance(current, type):
+    if records.is_record(current):
         if not isinstance(data, dict) or not isinstance(data.get("fields"), dict):
             raise StateError(f"{where}: expected the fields of a {type(current).__name__}")
-        known = {f.name for f in dataclasses.fields(current)}
+        known = {f.name for f in records.fields(current)}
         for name, item in data["fields"].items():
             if name not in known:
                 raise StateError(f"{where}.{name}: unknown to this version of activator")
@@ -148,7 +149,7 @@ def carry_socket(bound: Any) -> dict[str, Any]:
 
 def encode_fields(obj: Any, where: str, skip: dict[str, str]) -> dict[str, Any]:
     """Every dataclass field of ``obj`` but those in ``skip``, encoded."""
-    return {f.name: encode(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)
+    return {f.name: encode(getattr(obj, f.name), f"{where}.{f.name}") for f in records.fields(obj)
             if f.name not in skip}
 
 
@@ -156,7 +157,7 @@ def decode_fields(obj: Any, data: Any, where: str, skip: dict[str, str]) -> None
     """The carried fields back into ``obj``; StateError for a field this version does not know."""
     if not isinstance(data, dict):
         raise StateError(f"{where}: expected an object")
-    known = {f.name for f in dataclasses.fields(obj)}
+    known = {f.name for f in records.fields(obj)}
     for name, item in data.items():
         if name not in known or name in skip:
             raise StateError(f"{where}.{name}: unknown to this version of activator")
@@ -167,6 +168,8 @@ def decode_fields(obj: Any, data: Any, where: str, skip: dict[str, str]) -> None
 def parse(raw: bytes) -> dict[str, Any]:
     """The state document, its format and version checked; StateError saying what is wrong."""
     try:
+        import json
+
         state = json.loads(raw)
     except (ValueError, RecursionError):
         raise StateError("the state is not valid JSON (corrupted)") from None
@@ -251,7 +254,11 @@ def check_units(state: dict[str, Any], units: list) -> str | None:
 def target_argv() -> list[str]:
     """The command that takes over: ``sys.executable -m activator``, or $ACTIVATOR_REEXEC_ARGV (tests)."""
     custom = os.environ.get(ENV_ARGV)
-    return shlex.split(custom) if custom else [sys.executable, "-m", "activator"]
+    if custom:
+        import shlex
+
+        return shlex.split(custom)
+    return [sys.executable, "-m", "activator"]
 
 
 def _is_open(fd: int) -> bool:
@@ -284,7 +291,7 @@ class _Check:
     memfd: int
     argv: list[str]
     layout: list[tuple[str, list[str]]]
-    output: bytearray = dataclasses.field(default_factory=bytearray)
+    output: bytearray = field(default_factory=bytearray)
     timer: Any = None
 
 
@@ -331,6 +338,8 @@ class Reexec:
                  "saved_monotonic": time.monotonic(), "saved_wall": time.time(), "argv": sys.argv[1:],
                  "reexecs": self.count + 1, "servers": servers,
                  "inherited": [list(pair) for pair in self.inherited], **engine_state}
+        import json  # here, not at start-up: a re-exec is rare
+
         return json.dumps(state, separators=(",", ":")).encode(), fds
 
     def request(self) -> dict[str, Any]:

@@ -19,16 +19,18 @@ import select
 import signal
 import socket
 import struct
-from dataclasses import field
 from functools import partial
-from typing import Any
 
-from .records import dataclass
+from .records import dataclass, field
 from . import processes
 from .loop import TimerHandle, cancel
 from .protocol import valid_fdname
 from .ratelimit import RateLimit
 from .values import bounded_usec
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 NOTIFY_BUFFER_MAX = 4096  # systemd's PIPE_BUF-sized datagrams; longer ones are dropped
 NOTIFY_FD_MAX = 768  # descriptors per message, as systemd

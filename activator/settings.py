@@ -19,17 +19,19 @@ systemd.exec(5), systemd.kill(5) and systemd.unit(5).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
 import socket
 import sys
-from typing import Any
 
-from .records import dataclass
 from . import values as v
+from .records import MISSING, dataclass, fields
 from .units import BindSpec, InheritedSpec, ServiceSpec, Unit
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 RESTART_STYLES = ("stop-first", "graceful")
 WORKERS_MAX = 1024
@@ -70,11 +72,12 @@ class Setting:
     def default(self) -> Any:
         """The attribute's value when the key is absent (the dataclass's default)."""
         for cls in _TARGETS[self.target]:
-            for f in dataclasses.fields(cls):
+            for f in fields(cls):
                 if f.name == self.attr:
-                    if f.default_factory is not dataclasses.MISSING:
-                        return f.default_factory()
-                    return None if f.default is dataclasses.MISSING else f.default
+                    factory: Any = f.default_factory
+                    if factory is not MISSING:
+                        return factory()
+                    return None if f.default is MISSING else f.default
         raise AttributeError(f"no {self.target} attribute {self.attr!r}")
 
     @property

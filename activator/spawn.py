@@ -22,10 +22,12 @@ import errno
 import fcntl
 import os
 import signal
-from dataclasses import field
-from typing import Any
 
-from .records import dataclass
+from .records import dataclass, field
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 _fastspawn: Any
 try:  # the optional C fast path; absent when the package was installed without a compiler

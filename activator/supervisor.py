@@ -26,10 +26,8 @@ import signal
 import sys
 import time
 from functools import partial
-from dataclasses import field, replace
-from typing import Any, Callable
 
-from .records import dataclass
+from .records import dataclass, field, replace
 from . import conditions, directories, processes
 from .access import AccessList
 from .addresses import format_peer
@@ -38,16 +36,20 @@ from .jobs import Job, JobRunner
 from .log import Log
 from .loop import Loop, TimerHandle, cancel
 from .protocol import STRIP_ENV, listen_environment
-from .proxy import Proxy
 from .ratelimit import RateLimit
 from .reexec import (NOT_CARRIED, REEXEC_SIGNAL, StateError, carry_socket, decode_fields, decode_into, encode,
                      encode_fields)
 from .sdnotify import NotifyHub
 from .settings import WORKERS_MAX
-from .sockets import BindError, BoundSocket, apply_live_options, needs_new_socket, open_all
+from .sockets import BindError, BoundSocket, apply_live_options, family_of, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
 from .units import Command, Unit
-from .watch import Watcher
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from .proxy import Proxy
+    from .watch import Watcher
+    from typing import Any, Callable
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up, so that one busy socket cannot starve the rest
 EMFILE_PAUSE = 1.0  # how long to stop accepting when out of descriptors (or until an instance exits)
@@ -333,11 +335,43 @@ class Engine:
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
         self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
-        self.proxy = Proxy(self)  # proxy units (service.proxy-to): their connections and relays
-        self.watch = Watcher(self)  # watch-paths: restart a daemon when its files change (activator.watch)
+        # Made with the first unit that needs them (their modules cost start-up and memory otherwise):
+        self._proxy: Proxy | None = None  # proxy units (service.proxy-to): their connections and relays
+        self._watch: Watcher | None = None  # watch-paths: restart a daemon when its files change
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
         self.reexec: Any = None  # activator.reexec.Reexec, set by the command line: ctl reexec, REEXEC_SIGNAL
         self.resumed: dict[str, Any] | None = None  # the state this engine took over (a re-exec), if any
+
+    @property
+    def proxy(self) -> Proxy:
+        """The connections and relays of proxy units (activator.proxy), made on first use."""
+        if self._proxy is None:
+            from .proxy import Proxy
+
+            self._proxy = Proxy(self)
+        return self._proxy
+
+    @property
+    def watch(self) -> Watcher:
+        """The watches of units with watch-paths (activator.watch), made on first use."""
+        if self._watch is None:
+            from .watch import Watcher
+
+            self._watch = Watcher(self)
+        return self._watch
+
+    def _sync_watches(self) -> None:
+        """Watch what each unit's watch-paths ask for now (nothing to do while no unit ever had any)."""
+        if self._watch is not None or any(us.unit.service.watch_paths for us in self.units.values()):
+            self.watch.sync()
+
+    def _close_watches(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+
+    def _close_proxy(self) -> None:
+        if self._proxy is not None:
+            self._proxy.close()
 
     def states(self) -> list[UnitState]:
         """Every current state: each unit's workers and, during a graceful restart, their new daemons."""
@@ -385,7 +419,7 @@ class Engine:
     def _claim_sockets(us: UnitState) -> None:
         """Set each socket up for how this unit uses it (done at commit: a reload may share them)."""
         for s in us.sockets:
-            s.family = s.bound.sock.family
+            s.family = family_of(s.bound.sock)
             s.inode = os.fstat(s.bound.fileno()).st_ino
             if us.unit.accepts_connections:
                 s.bound.sock.setblocking(False)
@@ -431,7 +465,7 @@ class Engine:
                 if unit.name in skipped:
                     self._skip(us, *skipped[unit.name])
         self._pending = []
-        self.watch.sync()
+        self._sync_watches()
 
     def _link_order(self) -> None:
         """Each unit's ordered_after: its own after, and the units whose before names it."""
@@ -578,7 +612,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a unit that cannot even be stopped must not stop the others
             self.log.error("unit-fault", f"cannot stop the failed unit's processes: {exc!r}", unit=us.name)
         self.publish("failed", us, reason=reason)
-        self.proxy.failed(us)
+        if self._proxy is not None:
+            self._proxy.failed(us)
 
     # --------------------------------------------------------------- signals
     def handle_signals(self, received: list[int]) -> None:
@@ -893,7 +928,8 @@ class Engine:
         self.log.info("start", f"started {us.unit.service.argv[0]} as pid {pid}" +
                       (f" (worker {us.worker})" if worker else ""), unit=us.name, pid=pid, **worker)
         self.publish("started", us, pid=pid)
-        self.proxy.started(us)
+        if us.unit.proxy:
+            self.proxy.started(us)
         if us.unit.service.type != "notify":
             self._start_post(us)
         return True
@@ -1181,7 +1217,8 @@ class Engine:
         us.stats.last_exit, us.stats.last_exit_code, us.stats.last_exit_time = how, code, time.time()
         us.stats.started_time = None
         self.notify.exited(us)
-        self.proxy.exited(us)
+        if self._proxy is not None:
+            self._proxy.exited(us)
         self.log.info("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
         self.publish("exited", us, pid=pid, status=code)
         self._collect_leftovers(us)
@@ -1275,7 +1312,8 @@ class Engine:
                 succ.waiting_for = self._blocker(succ)  # another donor of its sockets may still run
                 if succ.waiting_for is None:
                     self.loop.dispatch(partial(self._activate, succ), succ)
-        self.proxy.idle(us)  # connections waiting for a proxy unit's daemon
+        if self._proxy is not None:
+            self._proxy.idle(us)  # connections waiting for a proxy unit's daemon
         if us.retired or us.failed or self.stopping:
             return
         if us.restart_pending and us.restart_timer is None and not us.paused_until:
@@ -1436,7 +1474,8 @@ class Engine:
     def unit_ready(self, us: UnitState) -> None:
         """READY=1 from the unit's daemon."""
         self.publish("ready", us, pid=us.main_pid)
-        self.proxy.ready(us)
+        if self._proxy is not None:
+            self._proxy.ready(us)
         if us.unit.service.type == "notify" and not us.up and us.start_job is None:
             self._start_post(us)
 
@@ -1591,7 +1630,7 @@ class Engine:
                 w.leader = new
             if self.units.get(old.name) is old:
                 self.units[old.name] = new
-                self.watch.sync()  # its watches follow the unit's new state (and new watch-paths of a reload)
+                self._sync_watches()  # its watches follow the unit's new state (and new watch-paths of a reload)
             lead = new
         else:
             lead = old.leader
@@ -1647,7 +1686,7 @@ class Engine:
             return
         self.stopping = True
         self.exit_code = exit_code
-        self.watch.close()  # no restart for a change while everything stops
+        self._close_watches()  # no restart for a change while everything stops
         every = self.states()  # the workers and the new daemons of a graceful restart too
         for us in every:
             self._disarm(us)
@@ -1702,7 +1741,7 @@ class Engine:
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
                                            for us in [*self.states(), *self.draining]]
-        for step in [*steps, self.watch.close, self.proxy.close, self.notify.close, self.loop.restore_signals]:
+        for step in [*steps, self._close_watches, self._close_proxy, self.notify.close, self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
@@ -1834,7 +1873,7 @@ class Engine:
             if unit.name in skipped:
                 self._skip(state, *skipped[unit.name])
         self.units = {u.name: units[u.name] for u in new_units}
-        self.watch.sync()
+        self._sync_watches()
         self._link_order()
         replacing = {id(state) for _, state in graceful}
         planned = [state for _, state, _ in plans if id(state) not in replacing]
@@ -1998,7 +2037,7 @@ class Engine:
 
         unblock_signals()
         self._reap()  # daemons that ended while no one was there to reap them
-        self.watch.sync()  # inotify watches are not carried: made again (a change during the exec is missed)
+        self._sync_watches()  # inotify watches are not carried: made again (a change during the exec is missed)
         for us in self.units.values():
             if not us.restart_pending:
                 self.loop.dispatch(partial(self._arm, us), us)

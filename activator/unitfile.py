@@ -33,10 +33,9 @@ import pwd
 import re
 import socket
 import stat
-from dataclasses import field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
-from .records import dataclass
+from .records import dataclass, field
 
 LONG_LINE_MAX = 1024 * 1024  # systemd's limit for a line, continuations included
 MAX_FILE_SIZE = 4 * 1024 * 1024  # ours (systemd has none): bounds the memory a hostile file can take

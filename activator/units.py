@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from dataclasses import field
 
-from .records import dataclass
+from .records import dataclass, field
 from .addresses import Address
 
 

@@ -17,7 +17,10 @@ import math
 import re
 import reprlib
 import shlex
-from typing import Any, Iterable
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any, Iterable
 
 # The longest single wait of epoll_wait() is 2**31-1 ms (24.8 days). Every timer activator arms
 # (restart delay, stop and start timeouts, watchdog, rate-limit pause) stays below it, so the loop

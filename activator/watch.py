@@ -31,10 +31,13 @@ import errno
 import os
 import struct
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
 
 from .loop import TimerHandle, cancel
 from .records import dataclass
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
+if TYPE_CHECKING:
+    from typing import Any
 
 if TYPE_CHECKING:
     from .supervisor import Engine, UnitState

@@ -28,16 +28,20 @@ from .util import free_ports, wait_idle
 # Cumulative import steps, in the order a plain `activator run` (activator.commands, no click) needs them.
 STEPS = [
     ("stdlib the engine needs (socket, selectors, signal, heapq)", "socket selectors signal errno heapq time"),
-    ("dataclasses (+ inspect, ast, dis, tokenize)", "dataclasses"),
-    ("typing", "typing"),
-    ("the model: units, addresses, values, the settings registry", "activator.units activator.addresses "
-     "activator.values activator.settings"),
+    ("the model: records, units, addresses, values, the settings registry", "activator.records activator.units "
+     "activator.addresses activator.values activator.settings"),
     ("run's command line without click (activator.commands)", "activator.commands"),
     ("config (the loader of run and serve)", "activator.config"),
     ("log, sockets, control", "activator.log activator.sockets activator.control"),
     ("spawn (+ the C extension)", "activator.spawn"),
-    ("supervisor (+ jobs, proxy, sdnotify, directories, conditions)", "activator.supervisor"),
-    ("json (the control socket's replies)", "json"),
+    ("supervisor (+ jobs, sdnotify, directories, conditions)", "activator.supervisor"),
+]
+# What the engine no longer imports at start-up (section 2 shows what they would add).
+NOT_IMPORTED = [
+    ("dataclasses (+ inspect, ast, dis, tokenize)", "dataclasses"),
+    ("typing", "typing"),
+    ("json (control requests, re-exec)", "json"),
+    ("proxy and watch (units that use them)", "activator.proxy activator.watch"),
 ]
 # What `activator run` imports, for the class-creation profile (section 5).
 RUN_PATH = "activator.commands activator.config activator.control activator.log activator.supervisor"
@@ -90,21 +94,24 @@ print(a1 - a0, a2 - a1, a3 - a2, a4 - a3)
 
 
 CLASSES_CODE = """
-import dataclasses, sys, time
-spent = {}
-process = dataclasses._process_class
-def timed(cls, *args, **kwargs):
-    t0 = time.perf_counter()
-    try:
-        return process(cls, *args, **kwargs)
-    finally:
-        spent[f"{cls.__module__}.{cls.__qualname__}"] = time.perf_counter() - t0
-dataclasses._process_class = timed
+import sys, time
 t0 = time.perf_counter()
+import activator.records as records
+spent = {}
+make = records._dataclass
+def timed(cls=None, /, **kwargs):
+    def wrap(cls):
+        t = time.perf_counter()
+        try:
+            return make(cls, **kwargs)
+        finally:
+            spent[f"{cls.__module__}.{cls.__qualname__}"] = time.perf_counter() - t
+    return wrap if cls is None else wrap(cls)
+records.dataclass = timed  # before the modules of the model import it
 for name in sys.argv[1].split():
     __import__(name)
 total = time.perf_counter() - t0
-print(total, sum(spent.values()), len(spent))
+print(total, sum(spent.values()), len(spent), int("dataclasses" in sys.modules))
 """
 
 
@@ -181,7 +188,12 @@ def import_steps() -> None:
     print(f"| group | + KiB |\n|---|---:|\n| interpreter after site | {int(out[0]):,} |")
     for (label, _), added in zip(STEPS, out[1:]):
         print(f"| {label} | {int(added):,} |")
-    print(f"| **total added** | **{sum(int(x) for x in out[1:]):,}** |\n")
+    print(f"| **total added** | **{sum(int(x) for x in out[1:]):,}** |")
+    more = subprocess.run([sys.executable, "-c", STEPS_CODE, " ".join(m for _, m in STEPS),
+                           *[mods for _, mods in NOT_IMPORTED]], capture_output=True, text=True, check=True).stdout.split()
+    for (label, _), added in zip(NOT_IMPORTED, more[2:]):
+        print(f"| (not imported by the engine) {label} | {int(added):,} |")
+    print()
     drop = [int(x) for x in subprocess.run([sys.executable, "-c", DROP_CODE], capture_output=True, text=True,
                                            check=True).stdout.split()]
     print("## 3. Dropping click after parsing (KiB of anonymous memory)\n")
@@ -190,17 +202,17 @@ def import_steps() -> None:
 
 
 def class_creation(runs: int) -> None:
-    print(f"## 5. Where the imports of `run` spend their time: creating dataclasses (median of {runs} runs)\n")
+    print(f"## 5. Where the imports of `run` spend their time: creating the model's records (median of {runs} runs)\n")
     samples = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", CLASSES_CODE, RUN_PATH], capture_output=True, text=True,
                              check=True).stdout.split()
-        samples.append((float(out[0]), float(out[1]), int(out[2])))
+        samples.append((float(out[0]), float(out[1]), int(out[2]), int(out[3])))
     samples.sort()
-    total, classes, count = samples[len(samples) // 2]
+    total, classes, count, std = samples[len(samples) // 2]
     print(f"importing {RUN_PATH} (after site): {total * 1000:.1f} ms, of which {classes * 1000:.1f} ms "
-          f"({classes / total:.0%}) in dataclasses._process_class for the {count} dataclasses of the engine's model "
-          "(their __init__, __repr__ and __eq__ are generated and compiled at every start)\n")
+          f"({classes / total:.0%}) in activator.records for the {count} record classes of the engine's model "
+          f"(their __init__ is compiled on first use); dataclasses imported: {'yes' if std else 'no'}\n")
 
 
 def startup(runs: int) -> None:

@@ -143,3 +143,24 @@ def test_cli_bad_address_exit_2_naming_it(bad, tmp_path):
     assert "Traceback" not in r.stderr
     assert bad in r.stderr or repr(bad) in r.stderr
     assert not good.exists()  # validated before anything is bound
+
+
+def test_ipv4_check_is_what_ipaddress_accepts():
+    """parse_address checks IPv4 without the ipaddress module: the same answers, on the edge cases and on
+    random strings of digits and dots."""
+    import ipaddress
+    import random
+
+    from activator.addresses import _is_ipv4
+
+    cases = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "a.b.c.d",
+             "1.2.3.-4", "1..3.4", " 1.2.3.4", "1.2.3.4 ", "\u0661.2.3.4", "+1.2.3.4", "1_0.2.3.4", "000.0.0.0",
+             "0.0.0.00", "1.2.3.04", "1.2.3.4\n"]
+    rnd = random.Random(7)
+    cases += ["".join(rnd.choice("0123456789.") for _ in range(rnd.randint(1, 15))) for _ in range(20000)]
+    for text in cases:
+        try:
+            expected = str(ipaddress.IPv4Address(text)) == text
+        except ValueError:
+            expected = False
+        assert _is_ipv4(text) == expected, text

@@ -171,7 +171,8 @@ def _run_modules(tmp_path, *args: str) -> tuple[int, list[str]]:
 # Not needed to run one unit from a plain command line: neither the command line machinery nor what only
 # some units use.
 NOT_ON_THE_RUN_PATH = ("click", "activator.cli", "activator.ctl", "activator.unitfile", "activator.metrics",
-                       "tomllib", "difflib", "traceback", "threading", "glob", "ctypes")
+                       "tomllib", "difflib", "traceback", "threading", "glob", "ctypes", "typing", "dataclasses",
+                       "inspect", "activator.proxy", "activator.watch", "activator.tomlfast")
 
 
 def test_plain_run_does_not_import_click_or_what_only_some_units_need(tmp_path):
@@ -186,3 +187,29 @@ def test_a_command_line_that_is_not_plain_goes_to_click(tmp_path):
     code, modules = _run_modules(tmp_path, "run", "--now", "--exit-with-service", "-vl", f"127.0.0.1:{free_port()}",
                                  "--", sys.executable, "-c", "raise SystemExit(3)")
     assert code == 3 and "click" in modules  # -vl: combined short options are click's
+
+
+def test_the_collector_is_off_during_start_up_and_on_while_serving(tmp_path):
+    """The cyclic collector is off while `run` parses and binds (it would rescan the start-up's objects
+    over and over) and on once the engine serves, with what the start-up left frozen out of its scans."""
+    out = tmp_path / "gc.json"
+    code = ("import gc, json, sys\n"
+            "from activator import supervisor\n"
+            "seen = {'at_import': gc.isenabled()}\n"
+            "open_ = supervisor.Engine.open\n"
+            "def spy_open(self):\n"
+            "    seen['while_binding'] = gc.isenabled()\n"
+            "    open_(self)\n"
+            "def spy_run(self):\n"
+            f"    open({str(out)!r}, 'w').write(json.dumps({{**seen, 'serving': gc.isenabled(), "
+            "'frozen': gc.get_freeze_count()}))\n"
+            "    return 0\n"
+            "supervisor.Engine.open, supervisor.Engine.run = spy_open, spy_run\n"
+            f"sys.argv = ['activator', 'run', '-l', '127.0.0.1:{free_port()}', '--', 'true']\n"
+            "from activator.__main__ import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(out.read_text())
+    assert seen["at_import"] and not seen["while_binding"] and seen["serving"]
+    assert seen["frozen"] > 1000  # the modules, the units and the sockets of the start-up

@@ -10,14 +10,15 @@ from dataclasses import field
 import pytest
 
 import activator
+from activator import records
 from activator.records import _dataclass
 
 
 def _pair(body: str, decorator: str = "@dataclass"):
     """The same class body made by both decorators."""
     made = []
-    for dc in (dataclasses.dataclass, _dataclass):
-        ns: dict = {"dataclass": dc, "field": field}
+    for dc, fd in ((dataclasses.dataclass, field), (_dataclass, records.field)):
+        ns: dict = {"dataclass": dc, "field": fd}
         exec(f"{decorator}\nclass C:\n{body}", ns)
         made.append(ns["C"])
     return made
@@ -90,3 +91,75 @@ def test_the_engine_model_uses_it():
                 if made_by & {"<string>", dataclasses.__file__}:  # compiled for this class at import
                     plain.append(f"{module.__name__}.{value.__qualname__}")
     assert plain == []
+
+
+def test_frozen_slots_post_init_and_factories():
+    """What the engine's classes rely on, beside the standard decorator's own behaviour."""
+    made = []
+    for dc, fd in ((dataclasses.dataclass, field), (_dataclass, records.field)):
+        @dc(frozen=True)
+        class Frozen:
+            a: int
+            b: list = fd(default_factory=list)
+
+        @dc(eq=False, slots=True)
+        class Slotted:
+            a: int
+            b: dict = fd(default_factory=dict)
+
+        @dc
+        class Post:
+            a: int
+            doubled: int = 0
+
+            def __post_init__(self):
+                self.doubled = 2 * self.a
+
+        made.append((Frozen, Slotted, Post))
+    for Frozen, Slotted, Post in made:
+        f = Frozen(1)
+        with pytest.raises(AttributeError):
+            f.a = 2
+        with pytest.raises(AttributeError):
+            del f.a
+        assert f.b == [] and Frozen(1).b is not f.b  # a fresh default per instance
+        s = Slotted(1)
+        assert not hasattr(s, "__dict__") and s.b == {}
+        with pytest.raises(AttributeError):
+            s.c = 1
+        assert Post(3).doubled == 6 and Post(a=4).doubled == 8
+        assert dataclasses.replace(Post(3), a=5).doubled == 10
+        with pytest.raises(TypeError):
+            Post()
+        with pytest.raises(TypeError):
+            Post(1, 2, 3)
+    ours = made[1]
+    assert records.replace(ours[2](3), a=7).doubled == 14
+    assert [f.name for f in records.fields(ours[0])] == ["a", "b"]
+    assert records.is_record(ours[0](1)) and not records.is_record(ours[0])
+    assert ours[2].__match_args__ == ("a", "doubled")
+
+
+def test_mistakes_are_refused_as_the_standard_decorator_does():
+    with pytest.raises(ValueError):
+        @_dataclass
+        class Mutable:
+            a: list = []  # noqa: RUF012 - the mistake under test
+    with pytest.raises(TypeError):
+        @_dataclass
+        class Order:
+            a: int = 0
+            b: int
+    with pytest.raises(ValueError):
+        records.field(default=1, default_factory=int)
+
+
+def test_the_run_path_does_not_import_dataclasses():
+    """The point of the module: `activator run` never imports dataclasses (nor inspect with it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, activator.commands, activator.supervisor, activator.config, activator.control; "
+            "print(sorted(m for m in ('dataclasses', 'inspect', 'ast', 'dis', 'tokenize') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
