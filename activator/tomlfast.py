@@ -102,6 +102,7 @@ def _loads(text: str) -> dict[str, object] | None:
     table = root
     at_root = True  # until the first header
     explicit: set[int] = set()  # id() of each table a header made
+    paths: dict[str, list[str]] = {}
     match = _LINE.fullmatch
     for line in text.split("\n"):
         m = match(line)
@@ -133,11 +134,18 @@ def _loads(text: str) -> dict[str, object] | None:
             explicit.add(id(table))
             at_root = False
             continue
-        if kind == "array":
-            value: object = [_value(i) for i in _ITEMS.finditer(m.group("array"))]
+        if kind == "basic" or kind == "literal":
+            value: object = m[kind]  # the common case, without a call
+        elif kind == "array":
+            value = [_value(i) for i in _ITEMS.finditer(m[kind])]
         else:
             value = _value(m)
-        *parents, last = _keys(m.group("key"))
+        # Units repeat their keys: each dotted key is split once.
+        key = m["key"]
+        path = paths.get(key)
+        if path is None:
+            path = paths[key] = _keys(key)
+        *parents, last = path
         if parents and at_root:
             return None  # root-level dotted keys: declined
         # Within one table the key paths must be prefix-free: a dict met on the way was made by an
