@@ -133,6 +133,12 @@ def _parse_toml(data: bytes) -> dict[str, Any]:
         line = data[:exc.start].count(b"\n") + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise Invalid(f"line {line}, column {column}: not valid UTF-8") from None
+    # The common line-oriented subset first (a few ms for 1,000 units where tomllib takes ~27); it
+    # declines anything else, and every error, so that tomllib gives the result or the message.
+    from . import tomlfast
+    document = tomlfast.loads(text)
+    if document is not None:
+        return document
     # Imported here: `run` builds its unit through this module without any TOML to parse.
     if sys.version_info >= (3, 11):
         import tomllib
