@@ -38,3 +38,14 @@ def test_bench_smoke_writes_every_metric(tmp_path):
             assert t["met"] in (True, False), (key, t)
     markdown = out.with_suffix(".md").read_text()
     assert "## Targets" in markdown and "accept_inetd_seq" in markdown
+
+
+def test_footprint_profile_runs_and_says_what_the_engine_imports():
+    """`python -m bench.footprint` (docs/benchmarks.md) prints its five sections; the run path it
+    profiles does without the dataclasses module."""
+    proc = subprocess.run([sys.executable, "-m", "bench.footprint", "--runs", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+        assert section in proc.stdout
+    assert "dataclasses imported: no" in proc.stdout
