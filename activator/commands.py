@@ -475,6 +475,9 @@ def engine_main(launch: Launch) -> NoReturn:
 
     def reload_units() -> list:
         assert reloader is not None
+        # What the start-up froze (below) includes the units and states a reload replaces: back under
+        # the collector, or those in reference cycles would never be freed.
+        gc.unfreeze()
         configuration = reloader()
         for line in configuration.warnings:
             log.warning("unit-file", line)

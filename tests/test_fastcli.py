@@ -213,3 +213,25 @@ def test_the_collector_is_off_during_start_up_and_on_while_serving(tmp_path):
     seen = json.loads(out.read_text())
     assert seen["at_import"] and not seen["while_binding"] and seen["serving"]
     assert seen["frozen"] > 1000  # the modules, the units and the sockets of the start-up
+
+
+def test_a_reload_puts_what_the_start_up_froze_back_under_the_collector(tmp_path):
+    """`serve` freezes the start-up's objects; the units a reload replaces are among them, and would never
+    be freed if they are in reference cycles: the reload unfreezes first."""
+    out, units = tmp_path / "gc.json", tmp_path / "u.toml"
+    units.write_text(f'[u]\nsocket.listen-stream = "127.0.0.1:{free_port()}"\nservice.exec-start = ["true"]\n')
+    code = ("import gc, json, sys\n"
+            "from activator import supervisor\n"
+            "def spy_run(self):\n"
+            "    before = gc.get_freeze_count()\n"
+            "    self.reloader()\n"
+            f"    open({str(out)!r}, 'w').write(json.dumps([before, gc.get_freeze_count()]))\n"
+            "    return 0\n"
+            "supervisor.Engine.run = spy_run\n"
+            f"sys.argv = ['activator', 'serve', {str(units)!r}]\n"
+            "from activator.__main__ import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    before, after = json.loads(out.read_text())
+    assert before > 1000 and after == 0
