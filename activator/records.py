@@ -129,6 +129,9 @@ def _own_fields(cls: type) -> list[Field] | None:
         if _unusual(annotation):
             return None
         value = own.get(name, MISSING)
+        standard = sys.modules.get("dataclasses")
+        if standard is not None and isinstance(value, standard.Field):
+            return None  # a dataclasses.field(...): the standard decorator reads it
         f = value if isinstance(value, Field) else Field(default=value)
         f.name, f.type = name, annotation
         if f.default is not MISSING and f.default.__class__.__hash__ is None:
@@ -312,9 +315,14 @@ def _dataclass(cls: type | None = None, /, **kwargs: Any) -> Any:
 
 
 def _fields(obj: Any) -> tuple[Any, ...]:
-    made = getattr(obj, "__record_fields__", None)
-    if made is not None:
-        return made  # type: ignore[no-any-return]
+    # The nearest class that declares fields decides: a standard dataclass made on a record base inherits
+    # the base's __record_fields__, which lack its own fields.
+    for klass in (obj if isinstance(obj, type) else type(obj)).__mro__:
+        own = klass.__dict__
+        if "__record_fields__" in own:
+            return own["__record_fields__"]  # type: ignore[no-any-return]
+        if "__dataclass_fields__" in own:
+            break
     import dataclasses
 
     return dataclasses.fields(obj)
