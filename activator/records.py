@@ -264,6 +264,15 @@ def _with_slots(cls: type, all_fields: tuple[Field, ...]) -> type:
     return made
 
 
+def _slots_getstate(self: Any) -> list[Any]:
+    return [getattr(self, f.name) for f in _fields(self)]
+
+
+def _slots_setstate(self: Any, state: list[Any]) -> None:
+    for f, value in zip(_fields(self), state):
+        object.__setattr__(self, f.name, value)
+
+
 def _standard(cls: type, kwargs: dict[str, Any]) -> type:
     """The standard decorator, for what this one does not make (its fields turned into standard ones)."""
     import dataclasses
@@ -288,6 +297,11 @@ def _dataclass(cls: type | None = None, /, **kwargs: Any) -> Any:
         mine = _own_fields(cls)
         if mine is None:
             return _standard(cls, kwargs)
+        bases = [b.__dict__["__dataclass_params__"].frozen for b in cls.__mro__[1:] if "__record_fields__" in b.__dict__]
+        if bases and frozen and not any(bases):  # the rules of dataclasses: any frozen base decides
+            raise TypeError("cannot inherit frozen dataclass from a non-frozen one")
+        if any(bases) and not frozen:
+            raise TypeError("cannot inherit non-frozen dataclass from a frozen one")
         inherited: dict[str, Field] = {}
         for base in cls.__mro__[-1:0:-1]:
             for f in base.__dict__.get("__record_fields__", ()):
@@ -303,6 +317,9 @@ def _dataclass(cls: type | None = None, /, **kwargs: Any) -> Any:
                 raise TypeError(f"non-default argument {f.name!r} follows default argument")
         if kwargs.get("slots"):
             cls = _with_slots(cls, all_fields)
+            if frozen:  # as dataclasses: copy and pickle would assign the slots through the frozen __setattr__
+                cls.__getstate__ = _slots_getstate  # type: ignore[attr-defined]
+                cls.__setstate__ = _slots_setstate  # type: ignore[attr-defined]
         cls.__record_fields__ = all_fields  # type: ignore[attr-defined]
         cls.__dataclass_fields__ = _StandardFields()  # type: ignore[attr-defined]
         cls.__dataclass_params__ = _Params(repr, eq, frozen)  # type: ignore[attr-defined]
