@@ -37,7 +37,7 @@ from .values import Invalid, show, suggest, type_name
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Iterator
 
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
 UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
@@ -671,6 +671,10 @@ def _ordering_cycle(units: list[Unit]) -> list[str] | None:
 class Configuration:
     units: list[Unit]
     warnings: list[str]  # what unit files hold that activator does not honour, one line each
+
+    def __iter__(self) -> Iterator[Any]:
+        """``units, warnings = load_configuration(...)``, as when this was a named tuple."""
+        return iter((self.units, self.warnings))
 
 
 def load_configuration(paths: list[str], inherited: list[tuple[int, str]] | None = None,

@@ -30,7 +30,7 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); 
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-__all__ = ["dataclass", "field", "fields", "replace", "is_record", "MISSING", "FrozenInstanceError"]
+__all__ = ["dataclass", "field", "fields", "replace", "is_record", "MISSING"]
 
 
 class _Missing:
@@ -43,8 +43,12 @@ _HAS_FACTORY: Any = _Missing()  # the default of an __init__ parameter whose fie
 _STANDARD_ONLY = ("order", "unsafe_hash", "kw_only", "match_args", "weakref_slot")
 
 
-class FrozenInstanceError(AttributeError):
-    """Assigning to a field of a frozen record (as :class:`dataclasses.FrozenInstanceError`)."""
+def _frozen(message: str) -> Exception:
+    """dataclasses.FrozenInstanceError itself, so that code catching it catches ours (imported then: the
+    error is a bug of the caller's, never on the engine's way)."""
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError(message)
 
 
 class Field:
@@ -82,8 +86,20 @@ class Field:
 
 
 def _field(*, default: Any = MISSING, default_factory: Any = MISSING, init: bool = True, repr: bool = True,
-           hash: bool | None = None, compare: bool = True) -> Any:
+           hash: bool | None = None, compare: bool = True, metadata: Any = None, kw_only: Any = MISSING) -> Any:
+    if metadata is not None or kw_only is True:  # the standard field, and with it the standard decorator
+        import dataclasses
+
+        return dataclasses.field(default=_standard_value(default), default_factory=_standard_value(default_factory),
+                                 init=init, repr=repr, hash=hash, compare=compare, metadata=metadata,
+                                 kw_only=_standard_value(kw_only))
     return Field(default, default_factory, init, repr, hash, compare)
+
+
+def _standard_value(value: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.MISSING if value is MISSING else value
 
 
 class _Params:
@@ -238,12 +254,12 @@ def _methods(cls: type, all_fields: tuple[Field, ...], repr: bool, eq: bool, fro
 
         def __setattr__(self: Any, name: str, value: Any) -> None:
             if type(self) is cls or name in names:
-                raise FrozenInstanceError(f"cannot assign to field {name!r}")
+                raise _frozen(f"cannot assign to field {name!r}")
             super(cls, self).__setattr__(name, value)  # type: ignore[arg-type]
 
         def __delattr__(self: Any, name: str) -> None:
             if type(self) is cls or name in names:
-                raise FrozenInstanceError(f"cannot delete field {name!r}")
+                raise _frozen(f"cannot delete field {name!r}")
             super(cls, self).__delattr__(name)  # type: ignore[arg-type]
 
         setattr(cls, "__setattr__", __setattr__)
@@ -318,8 +334,8 @@ def _dataclass(cls: type | None = None, /, **kwargs: Any) -> Any:
         if kwargs.get("slots"):
             cls = _with_slots(cls, all_fields)
             if frozen:  # as dataclasses: copy and pickle would assign the slots through the frozen __setattr__
-                cls.__getstate__ = _slots_getstate  # type: ignore[attr-defined]
-                cls.__setstate__ = _slots_setstate  # type: ignore[attr-defined]
+                setattr(cls, "__getstate__", _slots_getstate)
+                setattr(cls, "__setstate__", _slots_setstate)
         cls.__record_fields__ = all_fields  # type: ignore[attr-defined]
         cls.__dataclass_fields__ = _StandardFields()  # type: ignore[attr-defined]
         cls.__dataclass_params__ = _Params(repr, eq, frozen)  # type: ignore[attr-defined]

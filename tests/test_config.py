@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from activator.config import ConfigError, load_units
+from activator.config import ConfigError, load_configuration, load_units
 from activator.units import ServiceSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -572,3 +572,11 @@ def test_check_every_shipped_config(path):
     r = cli("check", ROOT / path)
     assert r.returncode == 0, r.stderr
     assert "unit(s) OK" in r.stdout
+
+
+def test_load_configuration_still_unpacks_as_before(tmp_path):
+    """Configuration was a NamedTuple (units, warnings): it still unpacks as one."""
+    unit = tmp_path / "u.toml"
+    unit.write_text('[u]\nsocket.listen-stream = "127.0.0.1:8999"\nservice.exec-start = ["true"]\n')
+    units, warnings = load_configuration([str(unit)])
+    assert [u.name for u in units] == ["u"] and warnings == []

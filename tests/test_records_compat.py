@@ -1,4 +1,4 @@
-"""Review of the records change: where activator.records.dataclass differs from dataclasses.dataclass."""
+"""activator.records.dataclass where it once differed from dataclasses.dataclass (found by a review)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Review of the lazy Proxy/Watcher: a proxy unit that only a reload brings, then a stop."""
+"""The engine's Proxy is made lazily: a proxy unit that only a reload brings, a re-exec, a stop."""
 from __future__ import annotations
 
 import signal

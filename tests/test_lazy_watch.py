@@ -1,4 +1,4 @@
-"""Review of the lazy Watcher: watch-paths that only a reload brings (the engine started with none)."""
+"""The engine's Watcher is made lazily: watch-paths that only a reload brings (the engine started with none)."""
 from __future__ import annotations
 
 import signal

@@ -1,5 +1,5 @@
-"""Review of gc.freeze() in engine_main: what the start-up froze is never collected, even once a reload
-has replaced it (the start-up's units, states and what they hold stay for the life of the engine)."""
+"""gc.freeze() in engine_main: what the start-up froze is collected once a reload has replaced it (the
+reload unfreezes), not kept for the life of the engine."""
 from __future__ import annotations
 
 import json
