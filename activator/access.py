@@ -44,14 +44,15 @@ def _matches(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Net
 
 class AccessList:
     def __init__(self, allow: list[str], deny: list[str]):
+        import ipaddress  # loaded by parse_networks already; kept here, not looked up per connection
+
         self.allow = parse_networks(allow)
         self.deny = parse_networks(deny)
+        self._ip_address, self._ipv6 = ipaddress.ip_address, ipaddress.IPv6Address
 
     def allowed(self, address: str) -> bool:
-        import ipaddress  # loaded by parse_networks already: a dictionary lookup
-
-        addr = ipaddress.ip_address(address)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = self._ip_address(address)
+        if isinstance(addr, self._ipv6) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         if _matches(addr, self.allow):
             return True

@@ -9,8 +9,8 @@ uses (plain, ``frozen``, ``eq=False``, ``repr=False``, ``slots``, inheritance be
 
 - ``__init__`` is compiled on the class's first instantiation, not at import: most classes of
   the model are never instantiated by a given run;
-- ``__repr__``, ``__eq__`` and ``__hash__`` are shared functions reading the fields with one
-  ``operator.attrgetter``: the same text, comparisons and hash (and ``__hash__ = None`` where the
+- ``__repr__``, ``__eq__`` and ``__hash__`` are closures of one template each, reading the fields
+  with one ``operator.attrgetter`` (nothing compiled): the same text, comparisons and hash (and ``__hash__ = None`` where the
   standard decorator sets it) as the generated ones;
 - ``dataclasses.fields``, ``dataclasses.replace`` and ``dataclasses.is_dataclass`` still work on
   these classes (and ``dataclasses.dataclass`` on a subclass of one): ``__dataclass_fields__`` is
@@ -65,11 +65,12 @@ class Field:
         self.default, self.default_factory = default, default_factory
         self.init, self.repr, self.hash, self.compare = init, repr, hash, compare
 
-    def to_standard(self, dataclasses: Any) -> Any:
-        def std(value: Any) -> Any:
-            return dataclasses.MISSING if value is MISSING else value
+    def to_standard(self) -> Any:
+        """The :func:`dataclasses.field` call this field stands for."""
+        import dataclasses
 
-        return dataclasses.field(default=std(self.default), default_factory=std(self.default_factory),
+        return dataclasses.field(default=_standard_value(self.default),
+                                 default_factory=_standard_value(self.default_factory),
                                  init=self.init, repr=self.repr, hash=self.hash, compare=self.compare)
 
     def __repr__(self) -> str:
@@ -79,7 +80,7 @@ class Field:
         """The same field as a :class:`dataclasses.Field` (for code that asks dataclasses about a record)."""
         import dataclasses
 
-        made = self.to_standard(dataclasses)
+        made = self.to_standard()
         made.name, made.type, made.kw_only = self.name, self.type, False
         made._field_type = dataclasses._FIELD  # type: ignore[attr-defined]  # what fields() selects
         return made
@@ -138,6 +139,7 @@ def _unusual(annotation: Any) -> bool:
 def _own_fields(cls: type) -> list[Field] | None:
     """The fields the class body declares, in order; None where the standard decorator must do it."""
     own = cls.__dict__
+    standard = sys.modules.get("dataclasses")  # a dataclasses.field(...) can only exist once it is loaded
     made = []
     for name, annotation in own.get("__annotations__", {}).items():
         if _is_classvar(annotation):
@@ -145,7 +147,6 @@ def _own_fields(cls: type) -> list[Field] | None:
         if _unusual(annotation):
             return None
         value = own.get(name, MISSING)
-        standard = sys.modules.get("dataclasses")
         if standard is not None and isinstance(value, standard.Field):
             return None  # a dataclasses.field(...): the standard decorator reads it
         f = value if isinstance(value, Field) else Field(default=value)
@@ -295,7 +296,7 @@ def _standard(cls: type, kwargs: dict[str, Any]) -> type:
 
     for name, value in list(cls.__dict__.items()):
         if isinstance(value, Field):
-            setattr(cls, name, value.to_standard(dataclasses))
+            setattr(cls, name, value.to_standard())
     return dataclasses.dataclass(cls, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
