@@ -189,28 +189,34 @@ def test_a_command_line_that_is_not_plain_goes_to_click(tmp_path):
     assert code == 3 and "click" in modules  # -vl: combined short options are click's
 
 
-def test_the_collector_is_off_during_start_up_and_on_while_serving(tmp_path):
-    """The cyclic collector is off while `run` parses and binds (it would rescan the start-up's objects
-    over and over) and on once the engine serves, with what the start-up left frozen out of its scans."""
-    out = tmp_path / "gc.json"
-    code = ("import gc, json, sys\n"
-            "from activator import supervisor\n"
-            "seen = {'at_import': gc.isenabled()}\n"
-            "open_ = supervisor.Engine.open\n"
-            "def spy_open(self):\n"
-            "    seen['while_binding'] = gc.isenabled()\n"
-            "    open_(self)\n"
-            "def spy_run(self):\n"
-            f"    open({str(out)!r}, 'w').write(json.dumps({{**seen, 'serving': gc.isenabled(), "
-            "'frozen': gc.get_freeze_count()}))\n"
-            "    return 0\n"
-            "supervisor.Engine.open, supervisor.Engine.run = spy_open, spy_run\n"
-            f"sys.argv = ['activator', 'run', '-l', '127.0.0.1:{free_port()}', '--', 'true']\n"
+def _spied_start(tmp_path, spies: str, *args: str):
+    """``activator ARGS`` in a real process, with ``spies`` (code replacing engine methods) run first; what
+    the spies wrote to ``OUT`` as JSON."""
+    out = tmp_path / "spied.json"
+    code = (f"import gc, json, sys\nfrom activator import supervisor\nOUT = {str(out)!r}\n{spies}"
+            f"sys.argv = ['activator', *{list(args)!r}]\n"
             "from activator.__main__ import main\n"
             "main()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
-    seen = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_collector_is_off_during_start_up_and_on_while_serving(tmp_path):
+    """The cyclic collector is off while `run` parses and binds (it would rescan the start-up's objects
+    over and over) and on once the engine serves, with what the start-up left frozen out of its scans."""
+    seen = _spied_start(tmp_path, (
+        "seen = {'at_import': gc.isenabled()}\n"
+        "open_ = supervisor.Engine.open\n"
+        "def spy_open(self):\n"
+        "    seen['while_binding'] = gc.isenabled()\n"
+        "    open_(self)\n"
+        "def spy_run(self):\n"
+        "    seen.update(serving=gc.isenabled(), frozen=gc.get_freeze_count())\n"
+        "    open(OUT, 'w').write(json.dumps(seen))\n"
+        "    return 0\n"
+        "supervisor.Engine.open, supervisor.Engine.run = spy_open, spy_run\n"),
+        "run", "-l", f"127.0.0.1:{free_port()}", "--", "true")
     assert seen["at_import"] and not seen["while_binding"] and seen["serving"]
     assert seen["frozen"] > 1000  # the modules, the units and the sockets of the start-up
 
@@ -218,20 +224,13 @@ def test_the_collector_is_off_during_start_up_and_on_while_serving(tmp_path):
 def test_a_reload_puts_what_the_start_up_froze_back_under_the_collector(tmp_path):
     """`serve` freezes the start-up's objects; the units a reload replaces are among them, and would never
     be freed if they are in reference cycles: the reload unfreezes first."""
-    out, units = tmp_path / "gc.json", tmp_path / "u.toml"
+    units = tmp_path / "u.toml"
     units.write_text(f'[u]\nsocket.listen-stream = "127.0.0.1:{free_port()}"\nservice.exec-start = ["true"]\n')
-    code = ("import gc, json, sys\n"
-            "from activator import supervisor\n"
-            "def spy_run(self):\n"
-            "    before = gc.get_freeze_count()\n"
-            "    self.reloader()\n"
-            f"    open({str(out)!r}, 'w').write(json.dumps([before, gc.get_freeze_count()]))\n"
-            "    return 0\n"
-            "supervisor.Engine.run = spy_run\n"
-            f"sys.argv = ['activator', 'serve', {str(units)!r}]\n"
-            "from activator.__main__ import main\n"
-            "main()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    before, after = json.loads(out.read_text())
+    before, after = _spied_start(tmp_path, (
+        "def spy_run(self):\n"
+        "    before = gc.get_freeze_count()\n"
+        "    self.reloader()\n"
+        "    open(OUT, 'w').write(json.dumps([before, gc.get_freeze_count()]))\n"
+        "    return 0\n"
+        "supervisor.Engine.run = spy_run\n"), "serve", str(units))
     assert before > 1000 and after == 0
