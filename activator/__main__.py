@@ -57,6 +57,9 @@ def main() -> None:
         sys.stdout.write(HELP)
         return
     if args and args[0] in ("run", "serve"):
+        import gc
+
+        gc.disable()  # before the imports, whose allocations would trigger collections (commands.main says why)
         from . import commands
 
         commands.main(args)  # returns when the command line is click's to parse

@@ -59,6 +59,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -1233,12 +1236,32 @@ PyDoc_STRVAR(subreaper_doc,
 "\n"
 "prctl(PR_SET_CHILD_SUBREAPER, 1): orphaned descendants become our children.");
 
+/* After start-up: the heap that parsing and binding freed goes back to the system (an init's idle
+   resident memory). Here rather than through ctypes, which would cost more than it gives back. */
+static PyObject *
+fastspawn_trim(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+#ifdef __GLIBC__
+    return PyBool_FromLong(malloc_trim(0));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+PyDoc_STRVAR(trim_doc,
+"trim() -> bool\n"
+"\n"
+"malloc_trim(0) where the C library is glibc: True when memory was given back.");
+
 static PyMethodDef fastspawn_methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))fastspawn_spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"start", (PyCFunction)(void (*)(void))fastspawn_start, METH_VARARGS | METH_KEYWORDS, start_doc},
     {"reaped", fastspawn_reaped, METH_O, reaped_doc},
     {"pending", fastspawn_pending, METH_NOARGS, pending_doc},
     {"set_child_subreaper", fastspawn_set_child_subreaper, METH_NOARGS, subreaper_doc},
+    {"trim", fastspawn_trim, METH_NOARGS, trim_doc},
     {"_set_clone3", fastspawn_set_clone3, METH_O,
      "_set_clone3(flag) -> previous: use clone3 (CLONE_CLEAR_SIGHAND) where the kernel has it (tests only)."},
     {NULL, NULL, 0, NULL},

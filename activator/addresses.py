@@ -11,7 +11,7 @@ Accepted forms (see systemd.socket(5)):
 """
 from __future__ import annotations
 
-import socket
+from . import socketapi as socket
 
 from .records import dataclass
 

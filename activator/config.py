@@ -24,8 +24,7 @@ the directive, ``FILE: [Socket] Backlog=: ...``).
 from __future__ import annotations
 
 import os
-import re
-import socket
+from . import socketapi as socket
 import stat
 import sys
 
@@ -33,16 +32,14 @@ from .records import dataclass, field
 from .envfile import read_environment_file
 from .settings import BY_KEY, LISTEN_TYPES, Setting, keys_in
 from .units import BindSpec, InheritedSpec, ListenSpec, ServiceSpec, UnresolvedInherited, Unit
-from .values import Invalid, show, suggest, type_name
+from .values import Invalid, is_plain_key, is_unit_name, lazy_pattern, show, suggest, type_name
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
     from typing import Any, Iterator
 
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
-UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PART = re.compile(r"socket(\[[0-9]+\])?|service")  # where a whole part of a unit is at fault
+_PART = lazy_pattern(r"socket(\[[0-9]+\])?|service")  # where a whole part of a unit is at fault
 PARTS = ("socket", "service")
 UNIT_FILE_SUFFIXES = (".socket", ".service")
 # What makes a directory one of systemd unit files (or drop-ins of them) rather than of TOML files.
@@ -82,7 +79,7 @@ class ConfigError(Exception):
 
 def unit_label(name: str) -> str:
     """A unit name as messages show it: quoted unless it is a valid one, so that no name can forge a line."""
-    return name if UNIT_NAME.fullmatch(name) else show(name)
+    return name if is_unit_name(name) else show(name)
 
 
 def path_label(path: str) -> str:
@@ -91,7 +88,7 @@ def path_label(path: str) -> str:
 
 
 def key_label(key: str) -> str:
-    return key if _PLAIN_KEY.fullmatch(key) else show(key)
+    return key if is_plain_key(key) else show(key)
 
 
 # ------------------------------------------------------------------ reading files
@@ -115,6 +112,8 @@ def _read_config(path: str) -> bytes:
 
 
 def _toml_error(exc: ValueError, text: str) -> str:
+    import re  # an error's path: re is not imported at start-up
+
     message = str(exc)
     m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", message)
     if m:
@@ -228,7 +227,7 @@ class _UnitLoader:
         self.unit_wide[slot] = (value, where)
 
     def load(self) -> Unit | None:
-        if not UNIT_NAME.fullmatch(self.name):
+        if not is_unit_name(self.name):
             self.error(None, "invalid unit name: use letters, digits and '_', '.', '@', '-' only "
                              "(at most 255 characters)")
         for key, value in self.table.items():

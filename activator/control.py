@@ -23,9 +23,8 @@ import contextlib
 import errno
 import functools
 import os
-import socket
+from . import socketapi as socket
 import stat
-import struct
 import sys
 import time
 
@@ -53,7 +52,6 @@ EMFILE_PAUSE = 1.0
 UNITS_MAX = 10_000  # unit names in one request
 SAMPLE_MAX = 20_000  # processes whose statistics one request reads
 FIND_MAX = 256  # sockets looked at in the default directory (by ctl, and for stale ones at start-up)
-_UCRED = struct.Struct("3i")
 
 # Error codes of the protocol and the exit status `activator ctl` gives each.
 EXIT_STATUS = {"bad-request": 2, "ambiguous": 2, "no-such-unit": 3, "unreachable": 4}
@@ -602,8 +600,8 @@ class ControlServer:
         self._inode = os.lstat(path).st_ino  # the file's, to remove it at the end only if it is still ours
         self.server = StreamServer(
             engine.loop, engine.log, "control socket", sock, b"\n", self._handle, request_max=REQUEST_MAX,
-            too_large=_encode_error(None, "bad-request", f"request longer than {REQUEST_MAX} bytes"),
-            busy=_encode_error(None, "busy", f"{CLIENTS_MAX} clients are connected already; try again"),
+            too_large=_fixed_error("bad-request", f"request longer than {REQUEST_MAX} bytes"),
+            busy=_fixed_error("busy", f"{CLIENTS_MAX} clients are connected already; try again"),
             greet=self._check_peer,
         )
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -632,7 +630,8 @@ class ControlServer:
     # ---------------------------------------------------------------- peers
     @staticmethod
     def _check_peer(client: Client) -> bytes | None:
-        _, uid, _ = _UCRED.unpack(client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        _, uid, _ = processes.native_ints(client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 processes.UCRED_SIZE))
         if uid == 0 or uid == os.geteuid():
             return None
         return _encode_error(None, "permission-denied", f"uid {uid} may not control this activator "
@@ -794,6 +793,15 @@ def _encode_error(request_id: Any, code: str, message: str) -> bytes:
     import json
 
     return json.dumps(_error_reply(request_id, code, message), separators=(",", ":")).encode() + b"\n"
+
+
+def _fixed_error(code: str, message: str) -> bytes:
+    """What ``_encode_error(None, code, message)`` gives, for the replies the server has ready from its
+    start (printable ASCII, no quote or backslash: nothing to escape), without importing json then."""
+    if not all(" " <= c <= "~" and c not in '"\\' for c in code + message):
+        raise ValueError(f"not a plain message: {message!r}")
+    return (f'{{"version":{PROTOCOL},"ok":false,"id":null,"error":{{"code":"{code}","message":"{message}"}}}}'
+            "\n").encode()
 
 
 REQUEST_FIELDS = {"version", "command", "units", "disarm", "mode", "workers", "id"}

@@ -30,18 +30,21 @@ is refused too (systemd refuses such a file as well).
 from __future__ import annotations
 
 import os
-import re
 import stat
 
-from .values import ENV_NAME  # one definition: systemd's env_name_is_valid()
+from .values import ENV_NAME, lazy_pattern  # ENV_NAME: one definition, systemd's env_name_is_valid()
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import re
 
 MAX_BYTES = 1 << 20
 
-_BLANK_LINES_AND_COMMENTS = re.compile(r"(?:[ \t\n\r]+|[#;][^\n\r]*)*")  # a comment starts where a name could
-_NAME_PART = re.compile(r"[^=\n\r]*")
-_BLANKS = re.compile(r"[ \t]*")
-_UNQUOTED_TOKEN = re.compile(r"[^\\\n\r]+|\\[\s\S]?")  # a run of plain characters, or a backslash and what it escapes
-_DOUBLE_TOKEN = re.compile(r'[^"\\]+|\\[\s\S]?|"')
+_BLANK_LINES_AND_COMMENTS = lazy_pattern(r"(?:[ \t\n\r]+|[#;][^\n\r]*)*")  # a comment starts where a name could
+_NAME_PART = lazy_pattern(r"[^=\n\r]*")
+_BLANKS = lazy_pattern(r"[ \t]*")
+_UNQUOTED_TOKEN = lazy_pattern(r"[^\\\n\r]+|\\[\s\S]?")  # a run of plain characters, or a backslash and what it escapes
+_DOUBLE_TOKEN = lazy_pattern(r'[^"\\]+|\\[\s\S]?|"')
 _DOUBLE_ESCAPES = '"\\`$'
 
 

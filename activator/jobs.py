@@ -19,7 +19,7 @@ happens once a job ends is the ``done`` callback the engine gave it.
 from __future__ import annotations
 
 import os
-import signal
+from . import signalapi as signal
 from functools import partial
 
 from .records import dataclass, field

@@ -71,7 +71,7 @@ import errno
 import itertools
 import os
 import select
-import socket
+from . import socketapi as socket
 import stat
 import sys
 import time

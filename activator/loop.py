@@ -1,4 +1,4 @@
-"""The event loop: a selector, one-shot timers and the signal pipe. It knows nothing of units.
+"""The event loop: epoll, one-shot timers and the signal pipe. It knows nothing of units.
 
 One thread. Signals are turned into bytes on a pipe (``signal.set_wakeup_fd``) and
 handed to one callback between events, like gunicorn's arbiter. The loop sleeps in
@@ -10,15 +10,21 @@ the loop but goes to ``on_fault(owner, exc)`` with the ``owner`` the callback wa
 registered with (the engine passes a unit's state, or None for its own machinery),
 so one unit's fault can be contained while a fault outside any unit stops
 everything cleanly.
+
+epoll directly rather than ``selectors``: that module (with what it imports) costs an init's
+start-up time and memory, for the one selector Linux needs. Its semantics are kept: a descriptor
+is watched for reading or for writing, never both; an error or hang-up wakes its callback; a
+batch's callbacks are the ones registered when the batch was read; a closed socket can still be
+removed by the object that was registered.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import os
-import selectors
-import signal
+import select
 import time
+
+from . import signalapi as signal
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
@@ -58,63 +64,96 @@ def cancel(handle: TimerHandle | None) -> None:
 
 
 class Timers:
-    """A heap of one-shot timers ordered by due time, then by creation."""
+    """One-shot timers ordered by due time, then by creation.
+
+    A list kept sorted latest first (the next due is at the end, popped in O(1)), an insertion found by
+    bisection: timers are few (a unit's restart, stop or pause, never one per connection), and heapq's C
+    module would be one more shared library to load at every start-up. Cancelled entries are skipped."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._queue: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
 
     def add(self, when: float, callback: Callback, owner: object = None) -> TimerHandle:
         handle = TimerHandle(when, callback, owner)
-        heapq.heappush(self._heap, (when, next(self._seq), handle))
+        entry = (when, next(self._seq), handle)  # the sequence number is unique: handles are never compared
+        queue = self._queue
+        lo, hi = 0, len(queue)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if queue[mid] > entry:
+                lo = mid + 1
+            else:
+                hi = mid
+        queue.insert(lo, entry)
         return handle
 
     def next_due(self) -> float | None:
-        while self._heap and not self._heap[0][2].active:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        queue = self._queue
+        while queue and not queue[-1][2].active:
+            queue.pop()
+        return queue[-1][0] if queue else None
 
     def pop_due(self, now: float) -> list[TimerHandle]:
         due = []
-        while self._heap and self._heap[0][0] <= now:
-            handle = heapq.heappop(self._heap)[2]
+        queue = self._queue
+        while queue and queue[-1][0] <= now:
+            handle = queue.pop()[2]
             if handle.active:
                 due.append(handle)
         return due
 
     def __len__(self) -> int:
-        return sum(1 for _, _, h in self._heap if h.active)
+        return sum(1 for _, _, h in self._queue if h.active)
 
 
 class Loop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.timers = Timers()
-        self.sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()  # close-on-exec
+        self._watched: dict[int, tuple[Any, Callback, object]] = {}  # fd: (what was registered, callback, owner)
         self.on_fault: Callable[[object, BaseException], None] = _reraise
         self._signal_r = self._signal_w = -1
         self._signals: tuple[int, ...] = ()
 
     # ----------------------------------------------------------- descriptors
     def add_reader(self, fd: Any, callback: Callback, owner: object = None) -> None:
-        self.sel.register(fd, selectors.EVENT_READ, (callback, owner))
+        """Call ``callback`` when ``fd`` (a number or an object with ``fileno()``) is readable; KeyError when
+        it is watched already, ValueError when it is not a descriptor, OSError when epoll refuses it."""
+        self._register(fd, select.EPOLLIN, callback, owner)
 
     def add_writer(self, fd: Any, callback: Callback, owner: object = None) -> None:
-        self.sel.register(fd, selectors.EVENT_WRITE, (callback, owner))
+        self._register(fd, select.EPOLLOUT, callback, owner)
+
+    def _register(self, fd: Any, events: int, callback: Callback, owner: object) -> None:
+        num = _fileno(fd)
+        if num in self._watched:
+            raise KeyError(f"{fd!r} (fd {num}) is already watched")
+        self._epoll.register(num, events)
+        self._watched[num] = (fd, callback, owner)
+
+    def _lookup(self, fd: Any) -> int | None:
+        """The number ``fd`` is watched under, or None; a closed socket is found by identity."""
+        try:
+            num = _fileno(fd)
+        except ValueError:
+            return next((n for n, (obj, _, _) in self._watched.items() if obj is fd), None)
+        return num if num in self._watched else None
 
     def remove(self, fd: Any) -> None:
         """Stop watching ``fd``; a descriptor not watched (or already closed) is fine."""
+        num = self._lookup(fd)
+        if num is None:
+            return
+        del self._watched[num]
         try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+            self._epoll.unregister(num)
+        except OSError:
+            pass  # closed already: the kernel dropped it
 
     def watching(self, fd: Any) -> bool:
-        try:
-            self.sel.get_key(fd)
-            return True
-        except (KeyError, ValueError):
-            return False
+        return self._lookup(fd) is not None
 
     # ---------------------------------------------------------------- timers
     def call_at(self, when: float, callback: Callback, owner: object = None) -> TimerHandle:
@@ -182,8 +221,9 @@ class Loop:
         wait = self.timeout() if timeout == -1.0 else timeout
         if wait is not None:
             wait = min(wait, MAX_WAIT)
-        for key, _ in self.sel.select(wait):
-            callback, owner = key.data
+        watched = self._watched
+        ready = self._epoll.poll(-1 if wait is None else wait, max(len(watched), 1))
+        for _, callback, owner in [watched[fd] for fd, _ in ready if fd in watched]:
             self.dispatch(callback, owner)
         self.run_timers()
 
@@ -197,7 +237,20 @@ class Loop:
 
     def close(self) -> None:
         self.restore_signals()
-        self.sel.close()
+        self._epoll.close()
+        self._watched.clear()
+
+
+def _fileno(fd: Any) -> int:
+    """As selectors: a descriptor's number from an int or an object with ``fileno()``; ValueError otherwise."""
+    if not isinstance(fd, int):
+        try:
+            fd = int(fd.fileno())
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"invalid file object: {fd!r}") from None
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor: {fd}")
+    return fd
 
 
 def _noop(signum, frame) -> None:  # the wakeup fd carries the signal to the loop

@@ -9,7 +9,7 @@ stop step: a daemon that force-quits on a second SIGINT must not see two.
 from __future__ import annotations
 
 import os
-import signal
+from . import signalapi as signal
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
@@ -25,6 +25,27 @@ def adjust(pid: int, oom_score_adjust: int | None, nice: int | None) -> None:
             f.write(str(oom_score_adjust))
     if nice is not None:
         os.setpriority(os.PRIO_PROCESS, pid, nice)
+
+
+UCRED_SIZE = 12  # struct ucred (SO_PEERCRED, SCM_CREDENTIALS): pid, uid, gid, three C ints
+
+
+def native_ints(raw: bytes) -> list[int]:
+    """The C ints in ``raw`` (native order), as ``array("i")`` or ``struct`` read them, a trailing partial
+    one dropped: descriptors of SCM_RIGHTS, a struct ucred. Without either module: each is a C extension to
+    load at every start-up, for these two reads."""
+    return memoryview(raw[: len(raw) - len(raw) % 4]).cast("i").tolist()
+
+
+def release_memory() -> bool:
+    """Give the heap's free memory back to the system (malloc_trim), once the start-up or a reload has
+    freed what it parsed: an idle init's resident memory. False without the C extension (no ctypes:
+    importing it would cost more than the trim gives back) or where there is nothing to give."""
+    try:
+        from ._fastspawn import trim  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return bool(trim())
 
 
 def set_child_subreaper() -> bool:
@@ -226,7 +247,7 @@ def describe_status(status: int) -> tuple[str, int]:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
-            name = signal.Signals(sig).name
+            name = signal.name(sig)
         except ValueError:
             name = str(sig)
         core = " (core dumped)" if os.WCOREDUMP(status) else ""
@@ -246,7 +267,7 @@ def parse_signal(value: str | int) -> int:
     if not text.startswith("SIG"):
         text = "SIG" + text
     try:
-        return int(signal.Signals[text])
+        return signal.number(text)
     except KeyError:
         raise ValueError(f"unknown signal {value!r}") from None
 

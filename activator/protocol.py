@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
+    import socket
     from typing import Mapping, MutableMapping
 
 LISTEN_FDS_START = 3
@@ -199,6 +199,8 @@ def inherited_fds(
 
 
 def _wrap(fd: int) -> socket.socket | int:
+    import socket  # here: the engine reads this module too, and never wraps (socket.py costs it start-up time)
+
     try:
         return socket.socket(fileno=fd)  # family, type and protocol are read from the descriptor
     except OSError as exc:

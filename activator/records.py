@@ -7,8 +7,9 @@ creating a standard dataclass compiles the source of each of its methods, at eve
 uses (plain, ``frozen``, ``eq=False``, ``repr=False``, ``slots``, inheritance between records,
 ``field(default=..., default_factory=..., repr=, compare=, hash=, init=)``, ``__post_init__``):
 
-- ``__init__`` is compiled on the class's first instantiation, not at import: most classes of
-  the model are never instantiated by a given run;
+- ``__init__`` is not compiled at import: a class's first instances are made from a plan of its
+  fields, and its compiled ``__init__`` comes with its 17th (most classes of the model are made once
+  or twice by a given run, or never);
 - ``__repr__``, ``__eq__`` and ``__hash__`` are closures of one template each, reading the fields
   with one ``operator.attrgetter`` (nothing compiled): the same text, comparisons and hash (and ``__hash__ = None`` where the
   standard decorator sets it) as the generated ones;
@@ -203,19 +204,73 @@ def _init_source(cls: type, all_fields: tuple[Field, ...], frozen: bool) -> tupl
     return source, names
 
 
+# Instances a class makes with the generic __init__ before it gets its compiled one: compiling costs
+# 0.1-0.4 ms a class (3 ms of a one-unit start-up, for classes instantiated once or twice); a class
+# made more often (a thousand units, a spawn per connection) is worth its compiled __init__.
+COMPILE_AFTER = 16
+
+
+def _generic_plan(all_fields: tuple[Field, ...]) -> tuple[tuple[str, ...], frozenset[str], tuple[tuple[str, int, Any], ...]]:
+    """(parameters, their set, steps): each step (name, how, default), ``how`` 0 for an argument, 1 an
+    argument or the default, 2 an argument or default(), 3 the default, 4 default() (not init fields)."""
+    params = tuple(f.name for f in all_fields if f.init)
+    steps = []
+    for f in all_fields:
+        if f.default is not MISSING:
+            steps.append((f.name, 1 if f.init else 3, f.default))
+        elif f.default_factory is not MISSING:
+            steps.append((f.name, 2 if f.init else 4, f.default_factory))
+        elif f.init:
+            steps.append((f.name, 0, None))
+    return params, frozenset(params), tuple(steps)
+
+
 def _lazy_init(cls: type, all_fields: tuple[Field, ...], frozen: bool) -> Callable[..., None]:
-    """An ``__init__`` that compiles the real one (the same code dataclasses would generate) on first use."""
+    """An ``__init__`` that sets the fields from a plan (nothing compiled) for the class's first
+    COMPILE_AFTER instances, then compiles the real one (the code dataclasses would generate). A call the
+    plan cannot bind (a missing, unknown or repeated argument) goes to the compiled one at once, which
+    raises the interpreter's own TypeError."""
+    made = 0
+    plan: Any = None
+    setter = object.__setattr__ if frozen else setattr
+    post_init = hasattr(cls, "__post_init__")
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        source, names = _init_source(cls, all_fields, frozen)
-        exec(compile(source, f"<record {cls.__qualname__}>", "exec"), names)  # noqa: S102 - our own template
-        real = names["__init__"]
-        real.__qualname__ = f"{cls.__qualname__}.__init__"
-        type.__setattr__(cls, "__init__", real)
-        real(self, *args, **kwargs)
+        nonlocal made, plan
+        if made < COMPILE_AFTER:
+            if plan is None:
+                plan = _generic_plan(all_fields)
+            params, known, steps = plan
+            given = dict(zip(params, args))
+            if len(args) <= len(params) and known.issuperset(kwargs) and given.keys().isdisjoint(kwargs):
+                given.update(kwargs)
+                if all(name in given for name, how, _ in steps if how == 0):
+                    made += 1
+                    for name, how, default in steps:
+                        if how <= 2 and name in given:
+                            setter(self, name, given[name])
+                        else:
+                            setter(self, name, default() if how in (2, 4) else default)
+                    if post_init:
+                        self.__post_init__()
+                    return
+        _compiled_init(cls, all_fields, frozen)(self, *args, **kwargs)
 
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     return __init__
+
+
+def _compiled_init(cls: type, all_fields: tuple[Field, ...], frozen: bool) -> Callable[..., None]:
+    """The class's compiled ``__init__``, made now and set on the class."""
+    source, names = _init_source(cls, all_fields, frozen)
+    # exec of the text, not of compile(): compile() first asks whether its argument is an AST, and that
+    # question builds the ast module's hundred-odd node types in C (2.5 ms and 200 KiB, for good).
+    exec(source, names)  # noqa: S102 - our own template
+    real = names["__init__"]
+    real.__code__ = real.__code__.replace(co_filename=f"<record {cls.__qualname__}>")  # for tracebacks
+    real.__qualname__ = f"{cls.__qualname__}.__init__"
+    type.__setattr__(cls, "__init__", real)
+    return real
 
 
 def _methods(cls: type, all_fields: tuple[Field, ...], repr: bool, eq: bool, frozen: bool,

@@ -22,7 +22,7 @@ makes the export fail, so a reexec is refused rather than losing it.
 from __future__ import annotations
 
 import os
-import signal
+from . import signalapi as signal
 import sys
 import time
 

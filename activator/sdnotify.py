@@ -13,12 +13,10 @@ file descriptor store; the engine only calls its hooks (``service_env``,
 """
 from __future__ import annotations
 
-import array
 import os
 import select
-import signal
-import socket
-import struct
+from . import signalapi as signal
+from . import socketapi as socket
 from functools import partial
 
 from .records import dataclass, field
@@ -39,7 +37,6 @@ DEFAULT_STORED_NAME = "stored"
 STRANGER_BURST = 200  # messages per second from processes that are not ours before we stop looking them up
 ANCESTRY_MAX = 32  # how far up a sender's ancestry we look for the unit's main process
 STATUS_MAX = 1024  # characters of STATUS= kept and logged
-_UCRED = struct.Struct("3i")
 
 
 # ---------------------------------------------------------------- daemon side
@@ -174,7 +171,7 @@ class NotifySocket:
 
     def receive(self) -> NotifyMessage | None:
         """The next message, None when there is none. Truncated messages are dropped (their fds closed)."""
-        anc_size = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * NOTIFY_FD_MAX)
+        anc_size = socket.CMSG_SPACE(processes.UCRED_SIZE) + socket.CMSG_SPACE(4 * NOTIFY_FD_MAX)
         while True:
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(NOTIFY_BUFFER_MAX, anc_size, socket.MSG_CMSG_CLOEXEC)
@@ -186,11 +183,9 @@ class NotifySocket:
                 if level != socket.SOL_SOCKET:
                     continue
                 if kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                    fds.extend(arr)
-                elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
-                    cred = _UCRED.unpack(payload[: _UCRED.size])
+                    fds.extend(processes.native_ints(payload))
+                elif kind == socket.SCM_CREDENTIALS and len(payload) >= processes.UCRED_SIZE:
+                    cred = processes.native_ints(payload[: processes.UCRED_SIZE])
             fields = []
             for line in data.decode("utf-8", "replace").split("\n"):
                 key, sep, value = line.partition("=")
@@ -281,9 +276,7 @@ class NotifyHub:
     # ------------------------------------------------------------- hooks
     @staticmethod
     def wants(unit) -> bool:
-        svc = unit.service
-        return not unit.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0
-                                    or svc.notify_access in ("main", "exec", "all"))
+        return unit.notify_socket
 
     @staticmethod
     def _key(us) -> str:

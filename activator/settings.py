@@ -19,10 +19,9 @@ systemd.exec(5), systemd.kill(5) and systemd.unit(5).
 """
 from __future__ import annotations
 
-import math
 import os
-import signal
-import socket
+from . import signalapi as signal
+from . import socketapi as socket
 import sys
 
 from . import values as v
@@ -387,14 +386,14 @@ def format_default(s: Setting) -> str:
     if s.parse.kind == "mode":
         return f'"{value:04o}"'
     if s.parse.kind == "signal":
-        return signal.Signals(value).name
+        return signal.name(value)
     if isinstance(value, str):
         return f"`{value}`"
     return str(value)
 
 
 def format_timespan(seconds: float) -> str:
-    if math.isinf(seconds):
+    if v.is_infinite(seconds):
         return "infinity"
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"

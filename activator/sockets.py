@@ -41,7 +41,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import socket
+from . import socketapi as socket
 import stat
 from _socket import socket as _raw_socket
 from collections import deque

@@ -19,9 +19,8 @@ number can never be clobbered, and every other descriptor is close-on-exec.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import signal
+from . import signalapi as signal
 
 from .records import dataclass, field
 
@@ -161,6 +160,8 @@ def _spawn_posix(spec: SpawnSpec) -> int:
 
 def _child(spec: SpawnSpec, report: int) -> None:
     """Runs in the forked child; never returns."""
+    import fcntl  # loaded by _spawn_fork before the fork: a lookup here
+
     step = "setup"
     try:
         signal.set_wakeup_fd(-1)
@@ -219,6 +220,8 @@ def _child(spec: SpawnSpec, report: int) -> None:
 
 
 def _spawn_fork(spec: SpawnSpec) -> int:
+    import fcntl  # noqa: F401 - for _child, loaded before the fork (here: the C path never needs it)
+
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
+from . import signalapi as signal
 import sys
 import time
 from functools import partial
@@ -39,7 +39,6 @@ from .protocol import STRIP_ENV, listen_environment
 from .ratelimit import RateLimit
 from .reexec import (NOT_CARRIED, REEXEC_SIGNAL, StateError, carry_socket, decode_fields, decode_into, encode,
                      encode_fields)
-from .sdnotify import NotifyHub
 from .settings import WORKERS_MAX
 from .sockets import BindError, BoundSocket, apply_live_options, family_of, needs_new_socket, open_all
 from .spawn import SpawnError, SpawnSpec, encode_environment, reaped, resolve, spawn, start
@@ -48,6 +47,7 @@ from .units import Command, Unit
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
     from .proxy import Proxy
+    from .sdnotify import NotifyHub
     from .watch import Watcher
     from typing import Any, Callable
 
@@ -334,13 +334,23 @@ class Engine:
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
         self._pending = units
-        self.notify = NotifyHub(self)  # sd_notify: readiness, watchdog, fd store (type = "notify" etc.)
+        self._notify: NotifyHub | None = None  # sd_notify (readiness, watchdog, fd store): see the property
         # Made with the first unit that needs them (their modules cost start-up and memory otherwise):
         self._proxy: Proxy | None = None  # proxy units (service.proxy-to): their connections and relays
         self._watch: Watcher | None = None  # watch-paths: restart a daemon when its files change
         self.jobs = JobRunner(self)  # control commands (exec-start-pre, ...) and ordered starts
         self.reexec: Any = None  # activator.reexec.Reexec, set by the command line: ctl reexec, REEXEC_SIGNAL
         self.resumed: dict[str, Any] | None = None  # the state this engine took over (a re-exec), if any
+
+    @property
+    def notify(self) -> NotifyHub:
+        """The sd_notify side of units with a NOTIFY_SOCKET (activator.sdnotify), made with the first such
+        unit's start (or a carried state): the others never need it, nor its module's start-up and memory."""
+        if self._notify is None:
+            from .sdnotify import NotifyHub
+
+            self._notify = NotifyHub(self)
+        return self._notify
 
     @property
     def proxy(self) -> Proxy:
@@ -368,6 +378,10 @@ class Engine:
     def _close_watches(self) -> None:
         if self._watch is not None:
             self._watch.close()
+
+    def _close_notify(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
 
     def _close_proxy(self) -> None:
         if self._proxy is not None:
@@ -635,7 +649,7 @@ class Engine:
         if sig == signal.SIGCHLD:
             self._reap()
         elif sig in STOP_SIGNALS:
-            name = signal.Signals(sig).name
+            name = signal.name(sig)
             if self.stopping:
                 self.log.info("stop", f"{name} again: killing what is left")
                 self._kill_everything(signal.SIGKILL)
@@ -655,7 +669,7 @@ class Engine:
         for us in self.states():
             for pid in us.pids():
                 self.host.kill(pid, sig)
-        self.log.debug("forward", f"forwarded {signal.Signals(sig).name}")
+        self.log.debug("forward", f"forwarded {signal.label(sig)}")
 
     # ------------------------------------------------------------ arming
     def _arm(self, us: UnitState) -> None:
@@ -904,12 +918,13 @@ class Engine:
         proxy = us.unit.proxy
         names = None if proxy else us.unit.fd_names()
         fds = [] if proxy else [s.bound.fileno() for s in us.sockets]
-        stored = self.notify.stored_fds(us)  # the descriptor store comes after the sockets, named
+        stored = self._notify.stored_fds(us) if self._notify else []  # after the sockets, named
         if stored:
             names = (names or ["unknown"] * len(fds)) + [name for name, _ in stored]
             fds += [fd for _, fd in stored]
         env = self._service_env(us, len(fds), names)
-        env.update(self.notify.service_env(us))
+        if us.unit.notify_socket:
+            env.update(self.notify.service_env(us))
         try:
             pid = self._spawn(us, fds, env, None)
         except SpawnError as exc:
@@ -921,7 +936,8 @@ class Engine:
         us.stats.starts += 1
         us.stats.started_time = time.time()
         self.pids[pid] = us
-        self.notify.started(us, pid)
+        if self._notify is not None or us.unit.notify_socket:
+            self.notify.started(us, pid)
         if not proxy:
             self._disarm(us.leader or us)
         worker = self._worker_field(us)
@@ -1216,7 +1232,8 @@ class Engine:
             self.jobs.went_down(us)  # the units that waited for it to come up
         us.stats.last_exit, us.stats.last_exit_code, us.stats.last_exit_time = how, code, time.time()
         us.stats.started_time = None
-        self.notify.exited(us)
+        if self._notify is not None:
+            self._notify.exited(us)
         if self._proxy is not None:
             self._proxy.exited(us)
         self.log.info("exit", f"pid {pid} {how}", unit=us.name, pid=pid)
@@ -1285,7 +1302,7 @@ class Engine:
             for pid in found:
                 self.host.signal_tree(pid, sig, tree, pid)
             self.log.info("leftovers", f"{len(found)} process(es) left behind by the main process: "
-                                       f"sent {signal.Signals(sig).name}", unit=us.name)
+                                       f"sent {signal.label(sig)}", unit=us.name)
             self._kill_after_timeout(us)
 
     def _restart(self, us: UnitState) -> None:
@@ -1741,7 +1758,8 @@ class Engine:
     def _close_all(self) -> None:
         steps: list[Callable[[], None]] = [partial(self._close_unit, us, set())
                                            for us in [*self.states(), *self.draining]]
-        for step in [*steps, self._close_watches, self._close_proxy, self.notify.close, self.loop.restore_signals]:
+        for step in [*steps, self._close_watches, self._close_proxy, self._close_notify,
+                     self.loop.restore_signals]:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - every step runs: files must go even if one fails
@@ -1847,7 +1865,8 @@ class Engine:
                 result.unchanged.append(name)
             elif name not in new_by_name:
                 self._retire(us, taken)
-                self.notify.drop_unit(name)
+                if self._notify is not None:
+                    self._notify.drop_unit(name)
                 result.removed.append(name)
         fresh_ids = {id(b) for b in fresh}
         graceful: list[tuple[UnitState, UnitState]] = []  # (running state, the new one that replaces it once ready)

@@ -31,7 +31,7 @@ import os
 import platform
 import pwd
 import re
-import socket
+from . import socketapi as socket
 import stat
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 

@@ -9,8 +9,8 @@ the defaults of the settings that fill them (activator.settings reads them here)
 from __future__ import annotations
 
 import os
-import signal
-import socket
+from . import signalapi as signal
+from . import socketapi as socket
 
 from .records import dataclass, field
 from .addresses import Address
@@ -266,6 +266,14 @@ class Unit:
     def accepts_connections(self) -> bool:
         """activator accepts on the sockets itself (accept mode and proxy units), instead of the daemon."""
         return self.accept or self.service.proxy_to is not None
+
+    @property
+    def notify_socket(self) -> bool:
+        """Its daemon gets a NOTIFY_SOCKET (activator.sdnotify): type notify, a watchdog, a descriptor store
+        or a notify-access; never in accept mode."""
+        svc = self.service
+        return not self.accept and (svc.type == "notify" or svc.watchdog_sec > 0 or svc.file_descriptor_store_max > 0
+                                    or svc.notify_access in ("main", "exec", "all"))
 
     @property
     def effective_trigger_burst(self) -> int:

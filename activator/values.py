@@ -13,13 +13,11 @@ strings that reach argv, the environment, a path or a user name hold no NUL.
 """
 from __future__ import annotations
 
-import math
-import re
 import reprlib
-import shlex
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up, memory); type checkers see it
 if TYPE_CHECKING:
+    import re
     from typing import Any, Iterable
 
 # The longest single wait of epoll_wait() is 2**31-1 ms (24.8 days). Every timer activator arms
@@ -33,9 +31,46 @@ INT_MAX = 2**31 - 1  # what the kernel takes as an int (backlog, buffer sizes)
 MODE_MAX = 0o7777  # chmod(): permission bits plus setuid, setgid and sticky
 UMASK_MAX = 0o777  # umask() keeps only the permission bits
 SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+INFINITY = float("inf")
+
+
+def is_infinite(value: float) -> bool:
+    """math.isinf, for the spans and limits that have infinity as a value."""
+    return value == INFINITY or value == -INFINITY
+
+
+class _LazyPattern:
+    """``re.compile(pattern)`` on first use, then its methods straight from the instance: a module's
+    patterns cost nothing until one is matched (compiling them all at import was 2.3 ms of every
+    start-up; importing ``re`` itself, where nothing else has, costs more)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __getattr__(self, name: str) -> Any:  # only for what the instance does not have yet
+        import re
+
+        compiled = re.compile(self.pattern)
+        for method in ("match", "fullmatch", "search", "sub", "finditer", "findall", "split"):
+            setattr(self, method, getattr(compiled, method))
+        return getattr(compiled, name)
+
+
+def lazy_pattern(pattern: str) -> re.Pattern[str]:
+    """A compiled regular expression to be: compiled when first used (see _LazyPattern)."""
+    return _LazyPattern(pattern)  # type: ignore[return-value]
+
+
+def fullmatch(pattern: str, text: str) -> re.Match[str] | None:
+    """``re.fullmatch``, importing ``re`` only when called."""
+    import re
+
+    return re.fullmatch(pattern, text)
+
+
+ENV_NAME = lazy_pattern(r"[A-Za-z_][A-Za-z0-9_]*")
 BOOL_WORDS = ("yes", "no", "true", "false", "on", "off", "1", "0")
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+_INTEGER = lazy_pattern(r"\s*[+-]?[0-9]+\s*")
 # systemd.time(7): a span is a sequence of numbers each with an optional unit ("1min 30s", "1h5m", "100ms").
 TIME_UNITS = {
     "usec": 1e-6, "us": 1e-6, "µs": 1e-6,
@@ -48,7 +83,7 @@ TIME_UNITS = {
     "months": 2629800.0, "month": 2629800.0, "M": 2629800.0,
     "years": 31557600.0, "year": 31557600.0, "y": 31557600.0,
 }
-_TIME_PART = re.compile(r"[ \t\n\r]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t\n\r]*([a-zA-Zµ]*)[ \t\n\r]*")
+_TIME_PART = lazy_pattern(r"[ \t\n\r]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t\n\r]*([a-zA-Zµ]*)[ \t\n\r]*")
 
 _repr = reprlib.Repr()
 _repr.maxstring = 80
@@ -109,7 +144,7 @@ def parse_timespan(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise Invalid(f"invalid time span {show(value)}: expected a number or a string")
     if isinstance(value, (int, float)):
-        if math.isnan(value):
+        if value != value:  # NaN (math is not imported: a C extension to load, for three comparisons)
             raise Invalid("invalid time span nan")
         if value < 0:
             raise Invalid(f"invalid time span {show(value)}: must not be negative")
@@ -118,7 +153,7 @@ def parse_timespan(value: Any) -> float:
         return float(value)
     spec = value.strip()
     if spec == "infinity":
-        return math.inf
+        return INFINITY
     if not spec:
         raise Invalid("empty time span")
     total = 0.0
@@ -132,7 +167,7 @@ def parse_timespan(value: Any) -> float:
             raise Invalid(f"invalid time span {show(value)}: unknown unit {show(unit)}")
         total += float(number) * TIME_UNITS[unit]
         pos = m.end()
-    if not math.isfinite(total):  # enough digits to overflow a float: not a way to write infinity
+    if not -INFINITY < total < INFINITY:  # enough digits to overflow a float: not a way to write infinity
         raise Invalid(f"time span {show(value)} is out of range")
     return total
 
@@ -217,7 +252,7 @@ class Size(Parser):
         if isinstance(value, int):
             number = value
         else:
-            m = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]?)\s*", value)
+            m = fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]?)\s*", value)
             if not m or m.group(2).upper() not in SIZE_SUFFIXES:
                 raise Invalid(f"invalid size {show(value)} (expected a number with an optional K, M or G suffix)")
             number = int(float(m.group(1)) * SIZE_SUFFIXES[m.group(2).upper()])
@@ -276,8 +311,8 @@ class Time(Parser):
     def __call__(self, value: Any) -> float:
         seconds = parse_timespan(value)
         if seconds == 0 and self.zero_is_infinity:
-            return math.inf
-        if math.isinf(seconds):
+            return INFINITY
+        if is_infinite(seconds):
             if self.infinity == "accept":
                 return seconds
             if self.infinity == "off":
@@ -337,7 +372,7 @@ class Signal(Parser):
     metavar = "SIGNAL"
 
     def __call__(self, value: Any) -> int:
-        import signal
+        from . import signalapi as signal
 
         from .processes import parse_signal
 
@@ -349,7 +384,7 @@ class Signal(Parser):
             return parse_signal(value)
         except ValueError as exc:
             word = str(value).strip().upper()
-            guess = suggest(word if word.startswith("SIG") else "SIG" + word, [s.name for s in signal.Signals])
+            guess = suggest(word if word.startswith("SIG") else "SIG" + word, signal.names())
             raise Invalid(f"{exc}{guess}") from None
 
     def describe(self) -> str:
@@ -544,6 +579,8 @@ class Inherited(Parser):
 
 
 def _split(value: str) -> list[str]:
+    import shlex  # here: a command given as one string is the rarer form (and `run` never has one)
+
     try:
         return shlex.split(value)
     except ValueError as exc:
@@ -687,7 +724,7 @@ class ExitStatuses(Parser):
     metavar = "STATUS"
 
     def __call__(self, value: Any):
-        import signal
+        from . import signalapi as signal
 
         from .units import ExitStatuses as Statuses
 
@@ -705,7 +742,7 @@ class ExitStatuses(Parser):
             else:
                 name = text(item).upper()
                 try:
-                    signals.add(int(signal.Signals[name if name.startswith("SIG") else "SIG" + name]))
+                    signals.add(signal.number(name if name.startswith("SIG") else "SIG" + name))
                 except KeyError:
                     raise Invalid(f"{show(item)} is neither an exit code nor a signal name") from None
         return Statuses(frozenset(codes), frozenset(signals))
@@ -774,7 +811,19 @@ class Conditions(Parser):
         return "absolute paths (a string or an array); `!PATH` negates, `|PATH` triggers"
 
 
-UNIT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_UNIT_NAME_CHARS = _NAME_CHARS | {".", "@"}
+
+
+def is_unit_name(name: str) -> bool:
+    """A unit's name: 1 to 255 ASCII letters, digits, '_', '.', '@' and '-' (a set, not a pattern: every
+    start-up asks, and re need not be imported for it)."""
+    return 0 < len(name) <= 255 and _UNIT_NAME_CHARS.issuperset(name)
+
+
+def is_plain_key(key: str) -> bool:
+    """A key messages show as it is: 1 to 64 ASCII letters, digits, '_' and '-'."""
+    return 0 < len(key) <= 64 and _NAME_CHARS.issuperset(key)
 
 
 class UnitNames(Parser):
@@ -786,7 +835,7 @@ class UnitNames(Parser):
     def __call__(self, value: Any) -> list[str]:
         names = strings(value)
         for name in names:
-            if not UNIT_NAME.fullmatch(name):
+            if not is_unit_name(name):
                 raise Invalid(f"invalid unit name {show(name)}")
         return list(dict.fromkeys(names))
 
@@ -839,6 +888,8 @@ class Limit(Parser):
         if self.unit == "bytes":
             return Size(0, RLIMIT_MAX)(part)
         if self.unit in ("seconds", "usec"):
+            import math  # here: a limit in time units is rare (see parse_timespan)
+
             seconds = parse_timespan(part)
             return math.ceil(seconds * (1e6 if self.unit == "usec" else 1))
         if self.unit == "nice" and part.strip()[:1] in "+-" and _INTEGER.fullmatch(part):

@@ -580,3 +580,13 @@ def test_load_configuration_still_unpacks_as_before(tmp_path):
     unit.write_text('[u]\nsocket.listen-stream = "127.0.0.1:8999"\nservice.exec-start = ["true"]\n')
     units, warnings = load_configuration([str(unit)])
     assert [u.name for u in units] == ["u"] and warnings == []
+
+
+def test_a_huge_integer_in_a_unit_file_is_a_one_line_error(tmp_path):
+    """tomllib reads a 400-digit integer; a time setting once turned it into an OverflowError traceback."""
+    path = tmp_path / "big.toml"
+    path.write_text('[u]\nsocket.listen-stream = "127.0.0.1:1"\nservice.exec-start = ["true"]\n'
+                    f'service.timeout-stop-sec = {"9" * 400}\n')
+    r = cli("check", path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("is out of range") and len(r.stderr.strip().splitlines()) == 1

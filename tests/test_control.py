@@ -731,3 +731,16 @@ def test_requests_while_stopping(activator, tmp_path):
     assert pid_alive(daemon)  # SIGTERM is ignored; SIGKILL comes after timeout-stop (30 s)
     os.kill(a.pid, signal.SIGTERM)  # a second SIGTERM kills what is left at once
     assert a.wait(20) == 0 and not pid_alive(daemon) and not sock.exists()
+
+
+def test_the_fixed_replies_are_what_json_would_write():
+    """The busy and too-large replies are ready from the start, written without json (not imported then):
+    byte for byte what the json path writes, and a message that would need escaping is refused."""
+    from activator import control
+
+    for code, message in (("busy", f"{control.CLIENTS_MAX} clients are connected already; try again"),
+                          ("bad-request", f"request longer than {control.REQUEST_MAX} bytes"), ("x", "")):
+        assert control._fixed_error(code, message) == control._encode_error(None, code, message)
+    for message in ('say "hi"', "back\\slash", "caf\u00e9", "new\nline"):
+        with pytest.raises(ValueError):
+            control._fixed_error("bad-request", message)
