@@ -38,6 +38,8 @@ MAX_WAIT = (2**31 - 1) / 1000.0 - 1.0
 if TYPE_CHECKING:
     Callback = Callable[[], Any]
 
+COMPACT_MIN = 64  # timer entries before cancelled ones are dropped (see Timers)
+
 
 class TimerHandle:
     """A pending timer; ``cancel()`` makes it a no-op. Cheap: the heap skips cancelled entries."""
@@ -67,17 +69,30 @@ class Timers:
     """One-shot timers ordered by due time, then by creation.
 
     A list kept sorted latest first (the next due is at the end, popped in O(1)), an insertion found by
-    bisection: timers are few (a unit's restart, stop or pause, never one per connection), and heapq's C
-    module would be one more shared library to load at every start-up. Cancelled entries are skipped."""
+    bisection: timers are few (a unit's restart, stop or pause, a watchdog, a control client's timeout;
+    never one per connection), and heapq's C module would be one more shared library to load at every
+    start-up. Cancelled entries are skipped when they come due, and dropped all at once whenever the
+    queue has doubled since the last time: a timer cancelled and armed again at every message (a
+    watchdog, a pipelining client) behind one due earlier would otherwise pile up, each insertion
+    moving them all."""
 
     def __init__(self) -> None:
         self._queue: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
+        self._compact_at = COMPACT_MIN
+
+    @property
+    def queued(self) -> int:
+        """Entries held, cancelled ones included: at most twice the active ones (or COMPACT_MIN)."""
+        return len(self._queue)
 
     def add(self, when: float, callback: Callback, owner: object = None) -> TimerHandle:
         handle = TimerHandle(when, callback, owner)
         entry = (when, next(self._seq), handle)  # the sequence number is unique: handles are never compared
         queue = self._queue
+        if len(queue) >= self._compact_at:  # amortized O(1): at most once per len(queue) / 2 insertions
+            queue[:] = [e for e in queue if e[2].active]
+            self._compact_at = max(COMPACT_MIN, 2 * len(queue))
         lo, hi = 0, len(queue)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -220,7 +235,7 @@ class Loop:
         """Wait for one batch of events (``timeout`` -1: until the next timer) and run them, then due timers."""
         wait = self.timeout() if timeout == -1.0 else timeout
         if wait is not None:
-            wait = min(wait, MAX_WAIT)
+            wait = min(max(wait, 0.0), MAX_WAIT)  # negative: at once, as selectors did (epoll would wait for ever)
         watched = self._watched
         ready = self._epoll.poll(-1 if wait is None else wait, max(len(watched), 1))
         for _, callback, owner in [watched[fd] for fd, _ in ready if fd in watched]:

@@ -247,7 +247,7 @@ def _lazy_init(cls: type, all_fields: tuple[Field, ...], frozen: bool) -> Callab
                 if all(name in given for name, how, _ in steps if how == 0):
                     made += 1
                     for name, how, default in steps:
-                        if how <= 2 and name in given:
+                        if how <= 2 and name in given and not (how == 2 and given[name] is _HAS_FACTORY):
                             setter(self, name, given[name])
                         else:
                             setter(self, name, default() if how in (2, 4) else default)

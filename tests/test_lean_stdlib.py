@@ -4,6 +4,8 @@ real sockets, signals and descriptors, and none of those three modules imported 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import signal
 import socket
 
@@ -218,3 +220,28 @@ def test_a_lazy_pattern_compiles_on_first_use_and_is_the_compiled_one():
     assert "fullmatch" in vars(rx)  # compiled once: its methods are the instance's now
     assert rx.sub("#", "a1b22") == re.sub(r"\s*([0-9]+)\s*", "#", "a1b22") and rx.pattern == r"\s*([0-9]+)\s*"
     assert rx.flags == re.compile(r"\s*([0-9]+)\s*").flags
+
+
+def test_timers_cancelled_and_armed_again_behind_an_earlier_one_do_not_pile_up():
+    """A watchdog or a control client re-arms its timer at every message while another timer is due
+    earlier (found by review): the cancelled entries are dropped as the queue grows, so it stays within
+    twice the active timers, and they still come due in order."""
+    from activator.loop import COMPACT_MIN, Timers, cancel
+
+    timers = Timers()
+    early = timers.add(30.0, lambda: None, owner="early")
+    handle, now = None, 0.0
+    for _ in range(100_000):
+        cancel(handle)
+        now += 1e-5
+        handle = timers.add(now + 60.0, lambda: None, owner="late")
+        assert timers.queued <= 2 * 2 + COMPACT_MIN
+    assert len(timers) == 2 and timers.next_due() == 30.0
+    assert [h.owner for h in timers.pop_due(1e9)] == ["early", "late"] and early.active
+
+
+def test_a_negative_timeout_returns_at_once():
+    """selectors returned at once for a timeout of 0 or less; epoll.poll would wait for ever (found by review)."""
+    code = "from activator.loop import Loop\nLoop().run_once(-0.25)\nLoop().run_once(0)\nprint('returned')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20).stdout
+    assert out.strip() == "returned"

@@ -210,3 +210,15 @@ def test_the_first_instances_and_the_compiled_init_make_the_same_objects(decorat
         with pytest.raises(TypeError) as have:
             fresh_ours(*args, **kwargs)
         assert str(have.value).split("__init__()")[-1] == str(want.value).split("__init__()")[-1]
+
+
+def test_the_factory_sentinel_means_the_factory_on_both_paths():
+    """The compiled __init__ calls the factory for its own placeholder; so does the plan (found by review)."""
+    @records.dataclass
+    class R:
+        x: int
+        items: list = records.field(default_factory=list)
+
+    made = [R(1, records._HAS_FACTORY) for _ in range(records.COMPILE_AFTER + 2)]
+    assert getattr(R.__init__, "__code__").co_filename.startswith("<record")
+    assert all(r.items == [] for r in made) and made[0].items is not made[-1].items
