@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 CONFIG_MAX_BYTES = 16 << 20  # a unit file is small; this bounds what a mistake (a log, a disk image) costs
 _PART = lazy_pattern(r"socket(\[[0-9]+\])?|service")  # where a whole part of a unit is at fault
+_TOML_POSITION = lazy_pattern(r"\s*\(at line (\d+), column (\d+)\)\s*$")  # in tomllib's messages
 PARTS = ("socket", "service")
 UNIT_FILE_SUFFIXES = (".socket", ".service")
 # What makes a directory one of systemd unit files (or drop-ins of them) rather than of TOML files.
@@ -112,10 +113,8 @@ def _read_config(path: str) -> bytes:
 
 
 def _toml_error(exc: ValueError, text: str) -> str:
-    import re  # an error's path: re is not imported at start-up
-
     message = str(exc)
-    m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", message)
+    m = _TOML_POSITION.search(message)
     if m:
         return f"line {m.group(1)}, column {m.group(2)}: {message[:m.start()]}"
     if "(at end of document)" in message:

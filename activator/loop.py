@@ -42,7 +42,7 @@ COMPACT_MIN = 64  # timer entries before cancelled ones are dropped (see Timers)
 
 
 class TimerHandle:
-    """A pending timer; ``cancel()`` makes it a no-op. Cheap: the heap skips cancelled entries."""
+    """A pending timer; ``cancel()`` makes it a no-op. Cheap: the queue skips cancelled entries."""
 
     __slots__ = ("when", "callback", "owner")
 

@@ -38,9 +38,9 @@ def native_ints(raw: bytes) -> list[int]:
 
 
 def release_memory() -> bool:
-    """Give the heap's free memory back to the system (malloc_trim), once the start-up or a reload has
-    freed what it parsed: an idle init's resident memory. False without the C extension (no ctypes:
-    importing it would cost more than the trim gives back) or where there is nothing to give."""
+    """Give the heap's free memory back to the system (malloc_trim), once the start-up has freed what
+    it parsed: an idle init's resident memory. False without the C extension (no ctypes: importing it
+    would cost more than the trim gives back) or where there is nothing to give."""
     try:
         from ._fastspawn import trim  # type: ignore[attr-defined]
     except ImportError:

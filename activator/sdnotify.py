@@ -275,10 +275,6 @@ class NotifyHub:
 
     # ------------------------------------------------------------- hooks
     @staticmethod
-    def wants(unit) -> bool:
-        return unit.notify_socket
-
-    @staticmethod
     def _key(us) -> str:
         """Whose socket: the unit's, or one per worker (``NAME/K``), so that each worker's messages are its own."""
         return f"{us.name}/{us.worker}" if us.worker else us.name
@@ -301,7 +297,7 @@ class NotifyHub:
 
     def socket_address(self, us) -> str | None:
         """The unit's NOTIFY_SOCKET, None when it gets none."""
-        return self._socket_for(us).address if self.wants(us.unit) else None
+        return self._socket_for(us).address if us.unit.notify_socket else None
 
     def service_env(self, us) -> dict[str, str]:
         """NOTIFY_SOCKET (and WATCHDOG_USEC) for the daemon about to start."""
@@ -323,7 +319,7 @@ class NotifyHub:
         run = _Run(pid)
         self.runs[id(us)] = run
         svc = us.unit.service
-        if not self.wants(us.unit):
+        if not us.unit.notify_socket:
             return
         if 0 < svc.watchdog_sec < float("inf"):
             run.watchdog_usec = int(svc.watchdog_sec * 1_000_000)
@@ -479,7 +475,7 @@ class NotifyHub:
         """
         name, _, worker = key.partition("/")
         states = [us for us in self.engine.states_of(name, int(worker or 0))
-                  if us.main_pid is not None and self.wants(us.unit) and us.unit.service.notify_access != "none"]
+                  if us.main_pid is not None and us.unit.notify_socket and us.unit.service.notify_access != "none"]
         if not states:
             return None
         owner = self.engine.unit_of_pid(pid)

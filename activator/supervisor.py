@@ -918,7 +918,7 @@ class Engine:
         proxy = us.unit.proxy
         names = None if proxy else us.unit.fd_names()
         fds = [] if proxy else [s.bound.fileno() for s in us.sockets]
-        stored = self._notify.stored_fds(us) if self._notify else []  # after the sockets, named
+        stored = self._notify.stored_fds(us) if self._notify is not None else []  # after the sockets, named
         if stored:
             names = (names or ["unknown"] * len(fds)) + [name for name, _ in stored]
             fds += [fd for _, fd in stored]

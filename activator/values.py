@@ -61,13 +61,6 @@ def lazy_pattern(pattern: str) -> re.Pattern[str]:
     return _LazyPattern(pattern)  # type: ignore[return-value]
 
 
-def fullmatch(pattern: str, text: str) -> re.Match[str] | None:
-    """``re.fullmatch``, importing ``re`` only when called."""
-    import re
-
-    return re.fullmatch(pattern, text)
-
-
 ENV_NAME = lazy_pattern(r"[A-Za-z_][A-Za-z0-9_]*")
 BOOL_WORDS = ("yes", "no", "true", "false", "on", "off", "1", "0")
 _INTEGER = lazy_pattern(r"\s*[+-]?[0-9]+\s*")
@@ -83,6 +76,7 @@ TIME_UNITS = {
     "months": 2629800.0, "month": 2629800.0, "M": 2629800.0,
     "years": 31557600.0, "year": 31557600.0, "y": 31557600.0,
 }
+_SIZE = lazy_pattern(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]?)\s*")
 _TIME_PART = lazy_pattern(r"[ \t\n\r]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t\n\r]*([a-zA-Zµ]*)[ \t\n\r]*")
 
 _repr = reprlib.Repr()
@@ -252,7 +246,7 @@ class Size(Parser):
         if isinstance(value, int):
             number = value
         else:
-            m = fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]?)\s*", value)
+            m = _SIZE.fullmatch(value)
             if not m or m.group(2).upper() not in SIZE_SUFFIXES:
                 raise Invalid(f"invalid size {show(value)} (expected a number with an optional K, M or G suffix)")
             number = int(float(m.group(1)) * SIZE_SUFFIXES[m.group(2).upper()])
